@@ -1,0 +1,279 @@
+"""The one resolver: study config -> validated study -> per-run configs and step lists.
+
+The Snakefile and the `relora` command both call this module, so the DAG Snakemake plans and
+the steps a job executes can never disagree. A study is validated against the JSON Schema in
+`workflow/schemas/config.schema.yaml` (jsonschema is imported lazily: the torch core runs where
+it is not installed), its `default:` values are filled in, and checks the schema cannot express
+(divisibility, ranks against matrix shapes, periods against the run length) run after it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from .model import ModelConfig, pad_vocab
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "w_0", "w_1", "w_2")
+
+
+class ConfigError(ValueError):
+    """A study config that cannot run; the message names the file and the key."""
+
+
+@lru_cache(maxsize=1)
+def load_schema() -> dict:
+    import yaml
+
+    with open(SCHEMA_PATH) as f:
+        return yaml.safe_load(f)
+
+
+def _resolve_ref(schema: dict, root: dict) -> dict:
+    while "$ref" in schema:
+        node = root
+        for part in schema["$ref"].lstrip("#/").split("/"):
+            node = node[part]
+        schema = node
+    return schema
+
+
+def fill_defaults(instance, schema: dict, root: dict | None = None):
+    """Fill the schema's `default:` values into a (validated) instance, recursively."""
+    root = root if root is not None else schema
+    schema = _resolve_ref(schema, root)
+    if not isinstance(instance, dict):
+        return instance
+    for key, sub in schema.get("properties", {}).items():
+        sub = _resolve_ref(sub, root)
+        if key not in instance and "default" in sub:
+            instance[key] = copy.deepcopy(sub["default"])
+        if key in instance:
+            instance[key] = fill_defaults(instance[key], sub, root)
+    extra = schema.get("additionalProperties")
+    if isinstance(extra, dict):
+        for key in instance:
+            if key not in schema.get("properties", {}):
+                instance[key] = fill_defaults(instance[key], extra, root)
+    return instance
+
+
+def _key_path(path) -> str:
+    return ".".join(str(p) for p in path) or "<top level>"
+
+
+def validate_schema(study: dict, source: str = "config", schema: dict | None = None) -> None:
+    """Raise ConfigError naming the file and key of the first schema violation."""
+    try:
+        import jsonschema
+    except ImportError:  # the GPU machines run the core without jsonschema
+        return
+    schema = schema or load_schema()
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(study), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"{source}: {_key_path(e.absolute_path)}: {e.message}" for e in errors[:10]]
+        raise ConfigError("invalid study config\n  " + "\n  ".join(lines))
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """A copy of base with override's keys replaced, recursing into nested dicts."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def apply_overrides(study: dict, assignments: list[str], source: str = "--set") -> dict:
+    """Apply `dotted.key=value` assignments (values parsed as YAML) to a copy of a study."""
+    import yaml
+
+    study = copy.deepcopy(study)
+    for assignment in assignments or []:
+        if "=" not in assignment:
+            raise ConfigError(f"{source}: '{assignment}' is not of the form key=value")
+        key, raw = assignment.split("=", 1)
+        parts = key.strip().split(".")
+        node = study
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: '{key}' descends into a non-mapping at '{part}'")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return study
+
+
+def load_study(config, overrides: list[str] | None = None, source: str | None = None) -> dict:
+    """Load (path or dict), apply --set overrides, validate, fill defaults, check semantics."""
+    if isinstance(config, (str, Path)):
+        import yaml
+
+        source = source or str(config)
+        try:
+            with open(config) as f:
+                study = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{config}: study config not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{config}: not valid YAML: {e}") from None
+    else:
+        study, source = copy.deepcopy(config), source or "config"
+    if not isinstance(study, dict):
+        raise ConfigError(f"{source}: a study config must be a mapping, got {type(study).__name__}")
+    study = apply_overrides(study, overrides or [])
+    validate_schema(study, source)
+    study = fill_defaults(study, load_schema())
+    # a condition's training overrides are validated merged onto the study's training
+    for name, condition in study["conditions"].items():
+        merged = deep_merge(study["training"], condition.get("training", {}))
+        validate_schema(merged, f"{source}: conditions.{name}.training",
+                        {**load_schema(), **load_schema()["$defs"]["training"]})
+    check_semantics(study, source)
+    return study
+
+
+def model_config(study: dict, size: str) -> ModelConfig:
+    spec = study["sizes"][size]
+    return ModelConfig(
+        vocab_size=pad_vocab(study["data"]["tokenizer"]["vocab_size"]),
+        d_model=spec["d_model"],
+        n_layers=spec["n_layers"],
+        n_heads=spec["n_heads"],
+        n_kv_heads=spec["n_kv_heads"],
+        ffn_hidden=spec["ffn_hidden"] or 4 * spec["d_model"],
+        max_seq_len=study["data"]["seq_len"],
+        rope_theta=spec["rope_theta"],
+        norm_eps=spec["norm_eps"],
+    )
+
+
+def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of each linear module type in a block."""
+    d, kv, h = config.d_model, config.n_kv_heads * config.head_dim, config.ffn_hidden
+    return {"q_proj": (d, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, d),
+            "w_0": (h, d), "w_1": (h, d), "w_2": (d, h)}
+
+
+def check_semantics(study: dict, source: str) -> None:
+    """Checks the schema cannot express; each error names the key."""
+    for name in study["sizes"]:
+        try:
+            model_config(study, name)
+        except ValueError as e:
+            raise ConfigError(f"{source}: sizes.{name}: {e}") from None
+    for name in study["conditions"]:
+        run = resolve_run(study, next(iter(study["sizes"])), name, study["seeds"][0])
+        training, method = run["training"], run["method"]
+        key = f"{source}: conditions.{name}"
+        if training["batch_size"] % training["grad_accum"]:
+            raise ConfigError(f"{key}: training.batch_size {training['batch_size']} is not divisible "
+                              f"by grad_accum {training['grad_accum']}")
+        if method["name"] != "relora":
+            continue
+        steps, period = training["steps"], method["reset_every"]
+        if method["warm_start_steps"] >= steps:
+            raise ConfigError(f"{key}.warm_start_steps: {method['warm_start_steps']} leaves no "
+                              f"ReLoRA steps in a run of training.steps {steps}")
+        if period is not None and period >= steps:
+            raise ConfigError(f"{key}.reset_every: {period} is not shorter than the run "
+                              f"(training.steps {steps}); use null for plain LoRA")
+        schedule = training["schedule"]
+        if schedule["name"] == "jagged_cosine":
+            if period is None:
+                raise ConfigError(f"{key}.training.schedule: jagged_cosine needs a reset period; "
+                                  "reset_every is null")
+            if schedule["warmup"] > period:
+                raise ConfigError(f"{key}: schedule warmup {schedule['warmup']} is longer than the "
+                                  f"reset period reset_every {period}")
+            if method["restart_warmup"] > period:
+                raise ConfigError(f"{key}.restart_warmup: {method['restart_warmup']} is longer than "
+                                  f"the reset period {period}")
+        for size in study["sizes"]:
+            shapes = linear_shapes(model_config(study, size))
+            for target in method["targets"]:
+                if method["rank"] > min(shapes[target]):
+                    raise ConfigError(f"{key}.rank: {method['rank']} exceeds the smaller dimension "
+                                      f"{min(shapes[target])} of {target} in size '{size}'")
+
+
+def _steps_every(every: int | None, last: int) -> set[int]:
+    steps = {0, last}
+    if every:
+        steps.update(range(every, last, every))
+    return steps
+
+
+def merge_steps(training: dict, method: dict) -> list[int]:
+    """Updates k after which the adapters are merged: k > max(W, S) and k mod R == 1."""
+    period = method.get("reset_every")
+    if method["name"] != "relora" or not period:
+        return []
+    first = max(training["schedule"]["warmup"], method["warm_start_steps"])
+    return [k for k in range(1, training["steps"] + 1) if k > first and k % period == 1]
+
+
+def resolve_run(study: dict, size: str, condition: str, seed: int) -> dict:
+    """Everything one run needs, JSON-serialisable: model, training (condition overrides
+    applied), method, and the checkpoint / evaluation / analysis / merge steps."""
+    if size not in study["sizes"]:
+        raise ConfigError(f"size '{size}' is not in the study (sizes: {', '.join(study['sizes'])})")
+    if condition not in study["conditions"]:
+        raise ConfigError(f"condition '{condition}' is not in the study "
+                          f"(conditions: {', '.join(study['conditions'])})")
+    if seed not in study["seeds"]:
+        raise ConfigError(f"seed {seed} is not in the study (seeds: {study['seeds']})")
+    spec = copy.deepcopy(study["conditions"][condition])
+    training = deep_merge(study["training"], spec.pop("training", {}))
+    training["schedule"] = fill_defaults(training.get("schedule", {}), load_schema()["$defs"]["schedule"])
+    if training["schedule"]["horizon"] is None:
+        training["schedule"]["horizon"] = training["steps"]
+    method = {"name": spec.pop("method")}
+    if method["name"] == "relora":
+        method.update(spec)
+        method.pop("description", None)
+        method["scale"] = method["alpha"] / method["rank"]
+        if training["schedule"]["name"] == "jagged_cosine":
+            training["schedule"]["reset_every"] = method["reset_every"]
+            training["schedule"]["restart_warmup"] = method["restart_warmup"]
+    last = training["steps"]
+    evaluation = _steps_every(study.get("evaluation", {}).get("every"), last)
+    analysis = _steps_every(study.get("analysis", {}).get("every"), last)
+    checkpoint = _steps_every(training["checkpoint_every"], last) | evaluation | analysis
+    return {
+        "study": study["study"],
+        "size": size,
+        "condition": condition,
+        "seed": seed,
+        "run_seed": training["seed_base"] + seed,
+        "model": model_config(study, size).to_dict(),
+        "data": {"seq_len": study["data"]["seq_len"],
+                 "vocab_size": study["data"]["tokenizer"]["vocab_size"]},
+        "training": training,
+        "method": method,
+        "steps": {
+            "checkpoint": sorted(checkpoint),
+            "evaluation": sorted(evaluation),
+            "analysis": sorted(analysis),
+            "merge": merge_steps(training, method),
+        },
+    }
+
+
+def run_config_hash(run: dict) -> str:
+    """Hash of everything that determines a run's trajectory (resume state carries it)."""
+    relevant = copy.deepcopy(run)
+    relevant["training"].pop("log_every", None)  # cosmetic: does not change the trajectory
+    blob = json.dumps(relevant, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def runs(study: dict) -> list[tuple[str, str, int]]:
+    """Every (size, condition, seed) of a study."""
+    return [(s, c, n) for s in study["sizes"] for c in study["conditions"] for n in study["seeds"]]

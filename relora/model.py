@@ -1,0 +1,182 @@
+"""The Pico decoder: a LLaMA-style decoder-only transformer, as trained in the paper.
+
+Follows the reference implementation of "Investigating ReLoRA" (Weiss et al. 2025, arXiv
+2509.12960; the pico-lm `pico-decoder`), which follows LLaMA (Touvron et al. 2023):
+pre-norm RMSNorm computed in fp32, rotary position embeddings rotating adjacent pairs of each
+head's dimensions (Su et al. 2021), grouped-query attention (Ainslie et al. 2023), SwiGLU
+feed-forward (Shazeer 2020), no biases, untied input embedding and LM head, PyTorch default
+initialisation, logits in fp32.
+
+Module names are the reference checkpoints' (`embedding_proj`, `layers.<i>.attention.q_proj`,
+`layers.<i>.swiglu.w_0`, ..., `de_embedding_proj`), so the paper's released weights load by
+name. Shapes: B batch, T time, C d_model, nh query heads, nkv key/value heads, hs head size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def pad_vocab(vocab_size: int, multiple: int = 64) -> int:
+    """The model's vocabulary: the tokenizer's padded to a multiple of 64 (50280 -> 50304)."""
+    return multiple * math.ceil(vocab_size / multiple)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int  # already padded
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_hidden: int
+    max_seq_len: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"head size {self.d_model // self.n_heads} must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 whatever the autocast dtype, as the reference does
+        x_fp32 = x.float()
+        normed = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, seq_len: int, theta: float, device=None):
+    """cos and sin of shape (T, hs/2): position t rotates pair i by t * theta^(-2i/hs)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate adjacent pairs (x[..., 2i], x[..., 2i+1]) of x (B, n, T, hs) in fp32."""
+    x_pairs = x.float().unflatten(-1, (-1, 2))  # (B, n, T, hs/2, 2)
+    x_even, x_odd = x_pairs.unbind(-1)
+    rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.d_model, config.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * self.head_dim, config.d_model, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.n_kv_heads != self.n_heads:
+            # query head h reads key/value head h // (nh / nkv), as LLaMA's repeat_kv
+            repeats = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.w_0 = nn.Linear(config.d_model, config.ffn_hidden, bias=False)  # gate
+        self.w_1 = nn.Linear(config.d_model, config.ffn_hidden, bias=False)  # up
+        self.w_2 = nn.Linear(config.ffn_hidden, config.d_model, bias=False)  # down
+
+    def forward(self, x):
+        return self.w_2(F.silu(self.w_0(x)) * self.w_1(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attention = Attention(config)
+        self.swiglu_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.swiglu = SwiGLU(config)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attention(self.attention_norm(x), cos, sin)
+        return x + self.swiglu(self.swiglu_norm(x))
+
+
+class PicoDecoder(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embedding_proj = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.output_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.de_embedding_proj = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, idx, return_hidden: bool = False):
+        """idx (B, T) token ids -> fp32 logits (B, T, vocab); with return_hidden also the
+        residual stream after every block, a list of n_layers tensors (B, T, C)."""
+        B, T = idx.shape
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.embedding_proj(idx)  # (B, T, C)
+        hidden = []
+        for block in self.layers:
+            x = block(x, cos, sin)
+            if return_hidden:
+                hidden.append(x)
+        logits = self.de_embedding_proj(self.output_norm(x)).float()  # (B, T, vocab)
+        return (logits, hidden) if return_hidden else logits
+
+    def loss(self, idx, targets):
+        """Mean next-token cross-entropy; targets (B, T), -100 marks positions not predicted."""
+        logits = self(idx)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def model_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), DESIGN 5 after Kaplan et al. 2020 and
+    nanoGPT's estimate_mfu: 6 per weight of every matrix multiply (all linears and the LM head;
+    the input embedding is a lookup) plus 12 * layers * seq_len * d for attention scores."""
+    d, L = config.d_model, config.n_layers
+    kv = config.n_kv_heads * config.head_dim
+    per_layer = d * d * 2 + d * kv * 2 + 3 * d * config.ffn_hidden
+    matmul_params = L * per_layer + d * config.vocab_size
+    return 6 * matmul_params + 12 * L * seq_len * d

@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from relora.config import load_study, model_config
+from relora.model import ModelConfig, PicoDecoder, apply_rope, count_parameters, pad_vocab, rope_tables
+
+
+def small_config(**overrides):
+    spec = dict(vocab_size=128, d_model=24, n_layers=2, n_heads=6, n_kv_heads=2, ffn_hidden=96, max_seq_len=16)
+    spec.update(overrides)
+    return ModelConfig(**spec)
+
+
+@pytest.mark.parametrize("size, expected", [("tiny", 11_282_784), ("small", 64_595_328)])
+def test_paper_parameter_counts(repo, size, expected):
+    study = load_study(repo / "workflow/studies/paper.yaml")
+    config = model_config(study, size)
+    assert config.vocab_size == pad_vocab(50280) == 50304
+    with torch.device("meta"):
+        model = PicoDecoder(config)
+    assert count_parameters(model) == (expected, expected)
+
+
+def test_reference_module_names():
+    names = set(PicoDecoder(small_config()).state_dict())
+    for expected in ["embedding_proj.weight", "layers.0.attention.q_proj.weight", "layers.1.attention.o_proj.weight",
+                     "layers.0.swiglu.w_0.weight", "layers.0.swiglu.w_2.weight", "layers.0.attention_norm.weight",
+                     "layers.0.swiglu_norm.weight", "output_norm.weight", "de_embedding_proj.weight"]:
+        assert expected in names
+    assert not any("bias" in n for n in names)
+
+
+def test_forward_is_causal_and_fp32():
+    torch.manual_seed(0)
+    model = PicoDecoder(small_config()).eval()
+    idx = torch.randint(0, 128, (2, 10))
+    logits = model(idx)
+    assert logits.shape == (2, 10, 128) and logits.dtype == torch.float32
+    changed = idx.clone()
+    changed[:, 7] = (changed[:, 7] + 1) % 128
+    # positions before the change do not see it
+    torch.testing.assert_close(model(changed)[:, :7], logits[:, :7])
+    assert not torch.allclose(model(changed)[:, 7:], logits[:, 7:])
+
+
+def test_rope_rotates_adjacent_pairs_by_position():
+    cos, sin = rope_tables(head_dim=4, seq_len=3, theta=10000.0)
+    x = torch.tensor([1.0, 0.0, 1.0, 0.0]).expand(1, 1, 3, 4)
+    y = apply_rope(x, cos, sin)[0, 0]
+    # pair 0 rotates by angle t, pair 1 by t / 100 (theta^(-2/4))
+    for t in range(3):
+        torch.testing.assert_close(y[t, :2], torch.tensor([torch.cos(torch.tensor(t * 1.0)), torch.sin(torch.tensor(t * 1.0))]))
+        torch.testing.assert_close(y[t, 2:], torch.tensor([torch.cos(torch.tensor(t / 100)), torch.sin(torch.tensor(t / 100))]))
+
+
+def test_gqa_equals_explicit_kv_repeat():
+    torch.manual_seed(0)
+    gqa = PicoDecoder(small_config()).eval()
+    full = PicoDecoder(small_config(n_kv_heads=6)).eval()
+    state = gqa.state_dict()
+    hs = 4
+    for i in range(2):
+        for name in ("k_proj", "v_proj"):
+            w = state[f"layers.{i}.attention.{name}.weight"].view(2, hs, 24)
+            state[f"layers.{i}.attention.{name}.weight"] = w.repeat_interleave(3, dim=0).reshape(24, 24)
+    full.load_state_dict(state)
+    idx = torch.randint(0, 128, (2, 9))
+    torch.testing.assert_close(gqa(idx), full(idx), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("field, value", [("n_heads", 5), ("n_kv_heads", 4)])
+def test_bad_shapes_are_named(field, value):
+    with pytest.raises(ValueError, match=field):
+        small_config(**{field: value})
