@@ -1,0 +1,1 @@
+"""Subcommands of the `relora` command line, one module per pipeline stage."""
