@@ -49,6 +49,8 @@ def fill_defaults(instance, schema: dict, root: dict | None = None):
     if not isinstance(instance, dict):
         return instance
     for key, sub in schema.get("properties", {}).items():
+        if key not in instance and "default" in sub:  # a default beside a $ref wins
+            instance[key] = copy.deepcopy(sub["default"])
         sub = _resolve_ref(sub, root)
         if key not in instance and "default" in sub:
             instance[key] = copy.deepcopy(sub["default"])

@@ -1,0 +1,104 @@
+"""AdamW parameter groups, learning-rate schedules and ReLoRA's optimizer-state reset.
+
+Schedules are pure functions of the step: `lr_factor(s, schedule)` is the multiplier of the
+peak learning rate after s updates, and update k runs with `lr * lr_factor(k - 1)` (DESIGN 1.1
+step semantics). Each has a horizon T separate from the number of steps trained: the paper
+trains 20k steps of a schedule that decays until 200k.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _cosine(progress: float) -> float:
+    """c(p) = (1 + cos(pi p)) / 2, with p clamped to [0, 1]."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+
+
+def lr_factor(step: int, schedule: dict) -> float:
+    """Multiplier of the peak LR at step s (s updates done), for one of the schedules:
+
+    constant       s / W during warmup, then 1
+    linear         s / W, then linear from 1 at W to m at T (held at m after T)
+    cosine         s / W, then m + (1 - m) c((s - W) / (T - W))
+    jagged_cosine  ReLoRA's: cosine, and after every reset (s >= R, s mod R < w) a re-warmup
+                   from 0 to the cosine's value at the end of the re-warmup:
+                   (s mod R) / w * (m + (1 - m) c((kR + w - W) / (T - W))), k = s // R
+    """
+    name, W = schedule["name"], schedule["warmup"]
+    T, m = schedule["horizon"], schedule["min_ratio"]
+    if step < W:
+        return step / W
+    if name == "constant":
+        return 1.0
+    if name == "linear":
+        return m + (1.0 - m) * max(0.0, (T - step) / max(T - W, 1))
+    if name == "cosine":
+        return m + (1.0 - m) * _cosine((step - W) / max(T - W, 1))
+    if name == "jagged_cosine":
+        R, w = schedule["reset_every"], schedule["restart_warmup"]
+        if step >= R and step % R < w:
+            k = step // R
+            return (step % R) / w * (m + (1.0 - m) * _cosine((k * R + w - W) / max(T - W, 1)))
+        return m + (1.0 - m) * _cosine((step - W) / max(T - W, 1))
+    raise ValueError(f"unknown schedule '{name}'")
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float, decay_on: str = "all") -> list[dict]:
+    """AdamW groups over the trainable parameters. `all`: decay everything (the reference);
+    `matrices`: no decay on norms and embeddings (the common GPT recipe)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        exempt = param.ndim < 2 or name.startswith("embedding_proj")
+        (no_decay if decay_on == "matrices" and exempt else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(model: torch.nn.Module, training: dict) -> torch.optim.AdamW:
+    groups = parameter_groups(model, training["weight_decay"], training["decay_on"])
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=training["lr"], betas=tuple(training["betas"]),
+                             eps=training["eps"], fused=fused or None)
+
+
+@torch.no_grad()
+def reset_optimizer_state(optimizer: torch.optim.Optimizer, params, mode: str, ratio: float,
+                          generator: torch.Generator | None = None) -> None:
+    """Reset the Adam moments of `params` (the adapters, at a merge). The step counter is kept.
+
+    random     zero a random `ratio` of the entries of each moment (the reference: 0.999)
+    magnitude  zero the `ratio` of entries of smallest magnitude, keep the largest
+    zero       zero every entry
+    none       keep the state
+
+    Random masks come from `generator`, seeded identically on every rank, so replicas agree.
+    """
+    if mode == "none":
+        return
+    for param in params:
+        state = optimizer.state.get(param)
+        if not state:
+            continue
+        for key in ("exp_avg", "exp_avg_sq"):
+            moment = state[key]
+            if mode == "zero" or ratio >= 1.0:
+                moment.zero_()
+            elif mode == "random":
+                keep = torch.rand(moment.shape, generator=generator, device="cpu") >= ratio
+                moment.mul_(keep.to(moment.device))
+            elif mode == "magnitude":
+                n_zero = int(round(ratio * moment.numel()))
+                if n_zero > 0:
+                    magnitude = moment.abs().flatten()
+                    smallest = torch.topk(magnitude, n_zero, largest=False).indices
+                    moment.view(-1)[smallest] = 0
+            else:
+                raise ValueError(f"unknown optimizer reset mode '{mode}'")

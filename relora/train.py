@@ -1,0 +1,458 @@
+"""The training loop: one run (size x condition x seed), resumable, bitwise reproducible.
+
+Step semantics (DESIGN 1.1): "step k" means k optimizer updates are done; update k runs with
+learning rate `lr * f(k - 1)`; ReLoRA merges right after update k for k in the resolver's merge
+steps; checkpoint `step_k` is the state after update k and any merge at k.
+
+Everything a run produces lives in its resume directory until the run ends: `state.pt` (model,
+optimizer, RNG, metric rows; the data position is the step, since batches are a pure function
+of (seed, step)), and the checkpoints written so far. A restarted run with the same resolved
+config continues from `state.pt`; a different config discards it. At the end the checkpoints,
+`train_metrics.parquet` and `run.json` (written last: the run's completion marker) are
+published into the run directory and the resume directory is deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import __version__
+from .checkpoint import atomic_write_text, build_model, save_checkpoint
+from .config import run_config_hash
+from .lora import adapter_parameters, merge_and_reinit, wrap_with_lora
+from .model import count_parameters
+from .optim import build_optimizer, lr_factor, reset_optimizer_state
+
+log = logging.getLogger("relora.train")
+
+STATE = "state.pt"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM or SIGUSR1 arrived: state was saved, the run should be requeued."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"received signal {signal.Signals(signum).name} at step {step}: state saved, exiting")
+        self.exit_code = 128 + signum
+
+
+# --- data -----------------------------------------------------------------------------------
+
+class TokenBatches:
+    """Batches of non-overlapping (seq_len + 1)-token windows of a 1-D token array.
+
+    The windows of update k are a pure function of (seed, k): epoch e visits all windows in the
+    order of a permutation seeded by (seed, e). Runs with the same seed therefore see the same
+    batches whatever their condition, and a resumed run needs no data state but its step.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int):
+        self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
+        self.n_windows = (len(tokens) - 1) // seq_len
+        if self.n_windows < batch_size:
+            raise ValueError(f"{self.n_windows} windows of {seq_len + 1} tokens cannot fill a batch of {batch_size}")
+        self._epoch, self._order = None, None
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+        return self._order
+
+    def window_ids(self, step: int) -> np.ndarray:
+        """Window indices of update `step` (1-based), crossing epochs seamlessly."""
+        start = (step - 1) * self.batch_size
+        ids = []
+        for position in range(start, start + self.batch_size):
+            epoch, offset = divmod(position, self.n_windows)
+            ids.append(self._permutation(epoch)[offset])
+        return np.asarray(ids)
+
+    def batch(self, step: int, rows: slice = slice(None)) -> torch.Tensor:
+        """(rows, seq_len + 1) int64 tokens of update `step`."""
+        starts = self.window_ids(step)[rows] * self.seq_len
+        windows = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts])
+        return torch.from_numpy(windows.astype(np.int64))
+
+
+def load_train_tokens(data_dir: Path, vocab_size: int) -> np.ndarray:
+    path = Path(data_dir) / "train.npy"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: training tokens not found")
+    try:
+        tokens = np.load(path, mmap_mode="r")
+    except ValueError as e:
+        raise ValueError(f"{path}: not a readable .npy file ({e})") from None
+    if tokens.ndim != 1 or tokens.dtype.kind not in "ui":
+        raise ValueError(f"{path}: expected a 1-D integer token array, got {tokens.dtype} {tokens.shape}")
+    top = int(tokens.max()) if len(tokens) else -1
+    if top >= vocab_size or (tokens.dtype.kind == "i" and int(tokens.min()) < 0):
+        raise ValueError(f"{path}: token id {top} is outside the vocabulary of {vocab_size} tokens")
+    return tokens
+
+
+# --- distributed ------------------------------------------------------------------------------
+
+def distributed_setup(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); initialises the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+# --- state ------------------------------------------------------------------------------------
+
+def rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_state(path: Path, payload: dict) -> None:
+    """torch.save to a temporary name, then rename: a kill never leaves a torn state file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def event_generator(seed: int, step: int, salt: int) -> torch.Generator:
+    """A generator for one event (adapter init, merge at a step), identical on every rank."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 8 + salt)
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+class Trainer:
+    def __init__(self, run: dict, data_dir: Path, out_dir: Path, resume_dir: Path,
+                 threads: int | None = None, progress: bool | None = None):
+        self.run, self.training, self.method = run, run["training"], run["method"]
+        self.out_dir, self.resume_dir = Path(out_dir), Path(resume_dir)
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = resolve_device(self.training["device"])
+        self.rank, self.world = distributed_setup(self.device)
+        self.is_main = self.rank == 0
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.hash = run_config_hash(run)
+        self.seed = run["run_seed"]
+        batch, accum = self.training["batch_size"], self.training["grad_accum"]
+        if batch % (accum * self.world):
+            raise ValueError(f"training.batch_size {batch} is not divisible by grad_accum {accum} x "
+                             f"world size {self.world}")
+        self.micro_batch = batch // (accum * self.world)
+        tokens = load_train_tokens(data_dir, run["data"]["vocab_size"])
+        self.batches = TokenBatches(tokens, run["data"]["seq_len"], batch, self.seed)
+        self.steps = run["steps"]
+        self.merge_steps = set(self.steps["merge"])
+        self.checkpoint_steps = set(self.steps["checkpoint"])
+        self.is_relora = self.method["name"] == "relora"
+        self.attach_step = self.method.get("warm_start_steps", 0) if self.is_relora else None
+
+        # Same seed -> same initial weights for every condition: the base model is built from
+        # the run seed before (and independently of) any adapter.
+        torch.manual_seed(self.seed)
+        self.model = build_model(run["model"], {"name": "full"}).to(self.device)
+        self.optimizer = None
+        self.step = 0
+        self.rows: list[dict] = []
+        if self.attach_step == 0:
+            self._attach_adapters()
+        self._build_optimizer()
+
+    # adapters and optimizer ------------------------------------------------------------------
+    def _attach_adapters(self):
+        m = self.method
+        wrap_with_lora(self.model, m["rank"], m["alpha"], m["dropout"], m["targets"], m["dropout_mask"],
+                       m["lora_init"], generator=event_generator(self.seed, self.step, 1))
+        self.model.to(self.device)
+
+    def _adapters_attached(self) -> bool:
+        return self.is_relora and self.step >= self.attach_step
+
+    def _build_optimizer(self):
+        previous = self.optimizer
+        self.optimizer = build_optimizer(self.model, self.training)
+        if previous is not None:  # keep the moments of parameters that stay trainable
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    if p in previous.state:
+                        self.optimizer.state[p] = previous.state[p]
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.ddp_model = self.model
+        if self.world > 1:
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.forward_model = torch.compile(self.ddp_model) if self.training["compile"] else self.ddp_model
+
+    def method_meta(self) -> dict:
+        meta = dict(self.method)
+        meta["attached"] = self._adapters_attached()
+        return meta
+
+    # state ---------------------------------------------------------------------------------
+    def save_state(self):
+        if not self.is_main:
+            return
+        save_state(self.resume_dir / STATE, {
+            "run_config_hash": self.hash, "step": self.step, "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "rng": rng_state(self.device), "metrics": self.rows,
+        })
+
+    def try_resume(self) -> bool:
+        path = self.resume_dir / STATE
+        if not path.is_file():
+            return False
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as e:  # a torn or corrupt file: start over, loudly
+            log.warning("%s: unreadable resume state (%s); starting from step 0", path, e)
+            return False
+        if state.get("run_config_hash") != self.hash:
+            log.warning("%s: saved under another run config (%s, now %s); discarding it",
+                        path, state.get("run_config_hash"), self.hash)
+            return False
+        self.step = state["step"]
+        if self.is_relora and not self.attach_step == 0 and self._adapters_attached():
+            self._attach_adapters()
+            self._build_optimizer()
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"], self.device)
+        self.rows = state["metrics"]
+        log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    def prepare_resume_dir(self):
+        """Resume from the saved state when it matches this run's config; else start clean."""
+        resumed = self.try_resume()
+        if self.world > 1:
+            dist.barrier()  # every rank has read the state before rank 0 may clear it
+        if self.is_main:
+            if not resumed and self.resume_dir.exists():
+                log.info("starting from step 0: clearing %s", self.resume_dir)
+                shutil.rmtree(self.resume_dir)
+            self.resume_dir.mkdir(parents=True, exist_ok=True)
+        if self.world > 1:
+            dist.barrier()
+
+    def checkpoint(self):
+        if self.is_main and self.step in self.checkpoint_steps:
+            save_checkpoint(self.model, self.resume_dir / "checkpoints" / f"step_{self.step}",
+                            self.run["model"], self.method_meta(), self.step,
+                            {"run_config_hash": self.hash, "size": self.run["size"],
+                             "condition": self.run["condition"], "seed": self.run["seed"]})
+
+    # one update ------------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        k = self.step + 1
+        lr = self.training["lr"] * lr_factor(k - 1, self.training["schedule"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        accum = self.training["grad_accum"]
+        rows = slice(self.rank * accum * self.micro_batch, (self.rank + 1) * accum * self.micro_batch)
+        tokens = self.batches.batch(k, rows).to(self.device, non_blocking=True)
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
+                    if self.training["precision"] == "bf16" else nullcontext())
+        started = time.perf_counter()
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            chunk = tokens[micro * self.micro_batch:(micro + 1) * self.micro_batch]
+            sync = nullcontext() if (self.world == 1 or micro == accum - 1) else self.ddp_model.no_sync()
+            with sync, autocast:
+                logits = self.forward_model(chunk[:, :-1])
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten())
+            (loss / accum).backward()
+            loss_sum += loss.detach()
+        loss_value = loss_sum / accum
+        if self.world > 1:
+            dist.all_reduce(loss_value, op=dist.ReduceOp.AVG)
+        loss_value = loss_value.item()
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(
+                f"loss is {loss_value} at step {k} (update {k} with lr {lr:.3g}); the last good state "
+                f"and checkpoints are in {self.resume_dir}")
+        clip = self.training["clip"]
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip if clip else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step = k
+        merged = self.is_relora and k in self.merge_steps and self._adapters_attached()
+        if merged:
+            adapters = merge_and_reinit(self.model, self.method["merge_scale"], event_generator(self.seed, k, 2))
+            reset = self.method["optimizer_reset"]
+            reset_optimizer_state(self.optimizer, adapters, reset["mode"], reset["ratio"],
+                                  event_generator(self.seed, k, 3))
+        if self.is_relora and k == self.attach_step:  # full-rank warm start ends here
+            self._attach_adapters()
+            self._build_optimizer()
+        elapsed = time.perf_counter() - started
+        n_tokens = self.training["batch_size"] * self.run["data"]["seq_len"]
+        return {"step": k, "tokens": k * n_tokens, "loss": loss_value, "lr": lr,
+                "grad_norm": float(grad_norm), "tokens_per_s": n_tokens / elapsed, "merged": merged}
+
+    # the loop ------------------------------------------------------------------------------
+    def fit(self, stop_after: int | None = None) -> dict:
+        """Train to the last step (or `stop_after` steps, for tests) and publish the run."""
+        self.prepare_resume_dir()
+        if self.step == 0:
+            self.checkpoint()
+        stop = self._install_signal_handlers()
+        last = self.training["steps"]
+        bar = _progress_bar(self.step, last) if (self.progress and self.is_main) else None
+        try:
+            while self.step < last:
+                row = self.train_step()
+                self.rows.append(row)
+                self.checkpoint()
+                if self.step % self.training["save_state_every"] == 0 or self.step == last:
+                    self.save_state()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                elif self.is_main and (self.step % self.training["log_every"] == 0 or self.step == last):
+                    log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3g tokens/s %.0f%s", self.step, last,
+                             row["loss"], row["lr"], row["grad_norm"], row["tokens_per_s"],
+                             " merged" if row["merged"] else "")
+                if stop["signum"] is not None:
+                    self.save_state()
+                    raise Preempted(stop["signum"], self.step)
+                if stop_after is not None and self.step >= stop_after:
+                    self.save_state()
+                    return {"stopped_at": self.step}
+        finally:
+            if bar is not None:
+                bar.close()
+            self._restore_signal_handlers()
+        return self.publish()
+
+    def _install_signal_handlers(self) -> dict:
+        stop = {"signum": None}
+        self._previous_handlers = {}
+
+        def handler(signum, frame):
+            stop["signum"] = signum
+
+        if threading_is_main():
+            for signum in (signal.SIGTERM, signal.SIGUSR1):
+                self._previous_handlers[signum] = signal.signal(signum, handler)
+        return stop
+
+    def _restore_signal_handlers(self):
+        for signum, previous in getattr(self, "_previous_handlers", {}).items():
+            signal.signal(signum, previous)
+
+    def run_record(self) -> dict:
+        total, trainable = count_parameters(self.model)
+        opt_bytes = sum(t.numel() * t.element_size() for s in self.optimizer.state.values()
+                        for t in s.values() if torch.is_tensor(t))
+        return {**self.run, "run_config_hash": self.hash, "params_total": total,
+                "params_trainable": trainable, "optimizer_state_bytes": opt_bytes,
+                "device": str(self.device), "world_size": self.world,
+                "versions": {"relora": __version__, "torch": torch.__version__,
+                             "python": platform.python_version(), "numpy": np.__version__}}
+
+    def publish(self) -> dict:
+        """Move the run's products from the resume directory into the run directory."""
+        record = self.run_record()
+        if not self.is_main:
+            return record
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        checkpoints = self.out_dir / "checkpoints"
+        checkpoints.mkdir(exist_ok=True)
+        # hard links, not moves: if this is killed half-way, the resume directory still holds
+        # everything and the rerun publishes again
+        for step_dir in sorted((self.resume_dir / "checkpoints").glob("step_*")):
+            target = checkpoints / step_dir.name
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.copytree(step_dir, target, copy_function=_link_or_copy)
+        write_metrics(self.rows, self.run, self.out_dir / "train_metrics.parquet")
+        atomic_write_text(self.out_dir / "run.json", json.dumps(record, indent=2))
+        shutil.rmtree(self.resume_dir)
+        return record
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem
+        shutil.copy2(src, dst)
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _progress_bar(start: int, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+
+def write_metrics(rows: list[dict], run: dict, path: Path) -> None:
+    """train_metrics.parquet: one row per optimizer step (DESIGN 3.2), written atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({
+        "size": [run["size"]] * len(rows),
+        "condition": [run["condition"]] * len(rows),
+        "seed": pa.array([run["seed"]] * len(rows), pa.int64()),
+        "step": pa.array([r["step"] for r in rows], pa.int64()),
+        "tokens": pa.array([r["tokens"] for r in rows], pa.int64()),
+        "loss": pa.array([r["loss"] for r in rows], pa.float64()),
+        "lr": pa.array([r["lr"] for r in rows], pa.float64()),
+        "grad_norm": pa.array([r["grad_norm"] for r in rows], pa.float64()),
+        "tokens_per_s": pa.array([r["tokens_per_s"] for r in rows], pa.float64()),
+        "merged": pa.array([r["merged"] for r in rows], pa.bool_()),
+    })
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def train(run: dict, data_dir, out_dir, resume_dir, threads=None, progress=None, stop_after=None) -> dict:
+    """Train one resolved run (relora.config.resolve_run) and publish it into out_dir."""
+    trainer = Trainer(run, Path(data_dir), Path(out_dir), Path(resume_dir), threads, progress)
+    try:
+        return trainer.fit(stop_after=stop_after)
+    finally:
+        if trainer.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
