@@ -1,0 +1,203 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from relora.dynamics import (TARGETS, analyse_checkpoints, batched_singular_values, linear_cka,
+                             matrix_metrics, probe_gradients_and_activations, snapshot_targets,
+                             spectra_rows, spectrum_metrics, tolerance)
+from relora.evaluate import linear_key, load_snapshot
+from test_evaluate import make_model, relora_adapters, save_checkpoint, tiny_config
+
+
+# ---------------------------------------------------------------- closed forms
+
+
+def test_identity_has_full_rank_per_one_and_condition_one():
+    m = matrix_metrics(torch.eye(8))
+    assert m["numerical_rank"] == 8
+    assert m["erank"] == pytest.approx(8) and m["per"] == pytest.approx(1.0)
+    assert m["condition_number"] == pytest.approx(1.0)
+    assert m["spectral_norm"] == pytest.approx(1.0) and m["frobenius_norm"] == pytest.approx(math.sqrt(8))
+
+
+def test_rank_one_matrix():
+    torch.manual_seed(0)
+    M = torch.outer(torch.randn(12), torch.randn(5))  # float32 storage: rounding noise must not count
+    m = matrix_metrics(M)
+    assert m["numerical_rank"] == 1
+    assert m["erank"] == pytest.approx(1.0, abs=1e-6)
+    assert m["condition_number"] == math.inf
+
+
+def test_zero_matrix_has_rank_zero_and_nan_metrics():
+    m = matrix_metrics(torch.zeros(6, 4))
+    assert m["numerical_rank"] == 0
+    assert math.isnan(m["erank"]) and math.isnan(m["per"]) and math.isnan(m["condition_number"])
+    assert m["frobenius_norm"] == 0 and m["spectral_norm"] == 0
+
+
+def test_known_spectrum_gives_exact_erank():
+    torch.manual_seed(1)
+    sigma = torch.tensor([4.0, 2.0, 1.0, 1.0], dtype=torch.float64)
+    U, _ = torch.linalg.qr(torch.randn(7, 4, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))
+    M = U @ torch.diag(sigma) @ V.T
+    p = sigma / sigma.sum()
+    expected = math.exp(-float((p * p.log()).sum()))
+    m = matrix_metrics(M)
+    assert m["erank"] == pytest.approx(expected, rel=1e-12)
+    assert m["per"] == pytest.approx(expected / 4, rel=1e-12)
+    assert m["condition_number"] == pytest.approx(4.0, rel=1e-12)
+    assert m["frobenius_norm"] == pytest.approx(math.sqrt(16 + 4 + 1 + 1), rel=1e-12)
+
+
+def test_tolerance_follows_the_stored_dtype_and_the_given_scale():
+    sigma = torch.tensor([[1.0, 1e-5, 0.0]], dtype=torch.float64)
+    # float32: tol = 3 * 1.19e-7 * 1 -> 1e-5 counts; bfloat16: tol = 3 * 7.8e-3 -> it does not
+    assert spectrum_metrics(sigma, torch.tensor([tolerance(3, torch.float32, 1.0)]))["numerical_rank"].item() == 2
+    assert spectrum_metrics(sigma, torch.tensor([tolerance(3, torch.bfloat16, 1.0)]))["numerical_rank"].item() == 1
+    # values AT the tolerance count as zero
+    assert spectrum_metrics(sigma, torch.tensor([1e-5], dtype=torch.float64))["numerical_rank"].item() == 1
+    # erank only sees the kept values: [1, 0, 0] -> 1
+    assert spectrum_metrics(sigma, torch.tensor([1e-5], dtype=torch.float64))["erank"].item() == pytest.approx(1.0)
+
+
+def test_cka_invariances():
+    torch.manual_seed(2)
+    X = torch.randn(50, 6)
+    Q, _ = torch.linalg.qr(torch.randn(6, 6))
+    assert linear_cka(X, X) == pytest.approx(1.0, abs=1e-12)
+    assert linear_cka(X, X @ Q) == pytest.approx(1.0, abs=1e-6)
+    assert linear_cka(X, 3 * X) == pytest.approx(1.0, abs=1e-12)
+    assert linear_cka(X, X + 5.0) == pytest.approx(1.0, abs=1e-12)  # column-centred
+    assert linear_cka(X, torch.randn(50, 6)) < 0.5
+
+
+# ---------------------------------------------------------------- batched == naive
+
+
+def test_batched_spectra_equal_the_per_matrix_loop():
+    torch.manual_seed(3)
+    shapes = [(24, 24), (8, 24), (96, 24), (24, 96), (24, 24), (96, 24)]
+    matrices = [torch.randn(*s) for s in shapes] + [torch.zeros(8, 24), torch.outer(torch.randn(24), torch.randn(96))]
+    batched = batched_singular_values(matrices)
+    for M, sigma in zip(matrices, batched):
+        torch.testing.assert_close(sigma, torch.linalg.svdvals(M.double()), rtol=1e-10, atol=1e-12)
+    from relora.dynamics import Target
+
+    targets = [Target(0, f"m{i}", "weight", M.double(), M.dtype) for i, M in enumerate(matrices)]
+    rows = spectra_rows(targets)
+    for i, M in enumerate(matrices):
+        naive = matrix_metrics(M)
+        got = {r["metric"]: r["value"] for r in rows if r["module"] == f"m{i}"}
+        for name, value in naive.items():
+            if math.isnan(value):
+                assert math.isnan(got[name]), name
+            else:
+                assert got[name] == pytest.approx(value, rel=1e-9), (i, name)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def test_effective_weight_of_a_relora_checkpoint(tmp_path):
+    config = tiny_config()
+    model = make_model(config, seed=0)
+    adapters = relora_adapters(config, rank=4, seed=1)
+    save_checkpoint(tmp_path / "step_5", model, step=5, adapters=adapters, rank=4, alpha=8.0)
+    snap = load_snapshot(tmp_path / "step_5", expected=config)
+    assert snap.scale == 2.0
+    key = linear_key(1, "w_2")
+    W = model.state_dict()[f"{key}.weight"].double()
+    A, B = adapters[f"{key}.A_lora"].double(), adapters[f"{key}.B_lora"].double()
+    torch.testing.assert_close(snap.effective_weight(1, "w_2"), W + 2.0 * B @ A)
+    torch.testing.assert_close(snap.adapter(1, "w_2"), 2.0 * B @ A)
+    # the plain model built from it computes x (W + scale B A)^T
+    plain = snap.model()
+    torch.testing.assert_close(plain.layers[1].swiglu.w_2.weight, (W + 2.0 * B @ A).float())
+
+
+def test_effective_weight_matches_the_trainers_lora_module(tmp_path):
+    lora = pytest.importorskip("relora.lora")
+    config = tiny_config()
+    model = make_model(config, seed=0)
+    lora.wrap_with_lora(model, rank=4, alpha=8.0, dropout=0.0, targets=["q_proj", "w_2"])
+    with torch.no_grad():
+        for m in lora.lora_modules(model):
+            m.B_lora.normal_()
+    from safetensors.torch import save_file
+    import json
+
+    (tmp_path / "step_1").mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "step_1" / "model.safetensors")
+    (tmp_path / "step_1" / "config.json").write_text(json.dumps(
+        {"model": config.to_dict(), "method": {"name": "relora", "rank": 4, "alpha": 8.0, "scale": 2.0}, "step": 1}))
+    snap = load_snapshot(tmp_path / "step_1", expected=config)
+    torch.testing.assert_close(snap.effective_weight(0, "q_proj").float(),
+                               model.layers[0].attention.q_proj.effective_weight())
+    idx = torch.randint(0, config.vocab_size, (2, 12))
+    torch.testing.assert_close(snap.model()(idx), model.eval()(idx), rtol=1e-5, atol=1e-5)
+
+
+def test_update_is_zero_at_step_zero_and_adapter_zero_after_reset(tmp_path):
+    config = tiny_config()
+    model = make_model(config, seed=0)
+    adapters = relora_adapters(config, rank=4, seed=1, zero_b=True)
+    save_checkpoint(tmp_path / "step_0", model, step=0, adapters=adapters, rank=4, alpha=8.0)
+    snap = load_snapshot(tmp_path / "step_0")
+    items, extra = snapshot_targets(snap, snap, None, ("weight", "update", "adapter"))
+    rows = spectra_rows(items, extra)
+    for target in ("update", "adapter"):
+        ranks = [r["value"] for r in rows if r["target"] == target and r["metric"] == "numerical_rank"]
+        eranks = [r["value"] for r in rows if r["target"] == target and r["metric"] == "erank"]
+        assert ranks and all(v == 0 for v in ranks) and all(math.isnan(v) for v in eranks)
+    weight_ranks = [r["value"] for r in rows if r["target"] == "weight" and r["metric"] == "numerical_rank"]
+    assert all(v > 0 for v in weight_ranks)
+
+
+def test_adapter_rank_is_the_lora_rank(tmp_path):
+    config = tiny_config()
+    model = make_model(config, seed=0)
+    save_checkpoint(tmp_path / "s", model, step=3, adapters=relora_adapters(config, rank=4, seed=2), rank=4, alpha=8.0)
+    snap = load_snapshot(tmp_path / "s")
+    items, extra = snapshot_targets(snap, None, None, ("adapter",))
+    rows = spectra_rows(items, extra)
+    ranks = {r["value"] for r in rows if r["metric"] == "numerical_rank"}
+    assert ranks == {4.0}
+    pers = [r["value"] for r in rows if r["metric"] == "per"]
+    assert all(p <= 4 / 8 + 1e-12 for p in pers)  # capped at r / k (k = 8 for k/v, 24 otherwise)
+
+
+def test_probe_gradient_equals_autograd_of_the_loss():
+    config = tiny_config()
+    model = make_model(config, seed=0)
+    probe = torch.randint(0, config.vocab_size, (4, 9))
+    grads, acts = probe_gradients_and_activations(model, probe, micro_batch=3)
+    reference = make_model(config, seed=0)
+    loss = reference.loss(probe[:, :-1], probe[:, 1:])
+    loss.backward()
+    torch.testing.assert_close(grads[(1, "k_proj")], reference.layers[1].attention.k_proj.weight.grad,
+                               rtol=1e-5, atol=1e-7)
+    _, hidden = reference(probe[:, :-1], return_hidden=True)
+    torch.testing.assert_close(acts[0], hidden[0].detach().flatten(0, 1))
+    assert len(acts) == config.n_layers and acts[0].shape == (4 * 8, config.d_model)
+
+
+def test_analyse_checkpoints_rows(tmp_path):
+    config = tiny_config()
+    paths = {}
+    for step, seed in [(0, 0), (2, 1), (4, 2)]:
+        model = make_model(config, seed=seed)
+        save_checkpoint(tmp_path / f"step_{step}", model, step=step,
+                        adapters=relora_adapters(config, rank=4, seed=seed, zero_b=step == 0), rank=4, alpha=8.0)
+        paths[step] = tmp_path / f"step_{step}"
+    probe = torch.randint(0, config.vocab_size, (2, 9))
+    rows = analyse_checkpoints({s: (lambda p=p: load_snapshot(p)) for s, p in paths.items()}, probe)
+    n_linear = config.n_layers * 7
+    per_step = n_linear * 4 * 6 + config.n_layers
+    assert len(rows) == 3 * per_step
+    cka_final = [r["value"] for r in rows if r["metric"] == "cka_to_final" and r["step"] == 4]
+    assert cka_final == pytest.approx([1.0] * config.n_layers)
+    assert {r["target"] for r in rows} == set(TARGETS) | {"activation"}
