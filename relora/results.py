@@ -1,0 +1,647 @@
+"""Results: every run directory of a study -> one portable DuckDB file, with statistics.
+
+`aggregate` reads `runs/size=<s>/condition=<c>/seed=<n>/` (DESIGN 3.1: `run.json` and the
+Parquet files `train_metrics`, `dynamics`, `perplexity`, `blimp`; any may be missing for a run)
+and writes `study.duckdb` atomically (a temporary file in the same folder, then a rename), so a
+reader never sees a half-written database.
+
+Tables (materialised, so the file is portable) and views, DESIGN 3.2 plus the statistics:
+
+- `runs`          one row per run: size, condition, seed, method, params_total,
+                  params_trainable, run_seed, device, last_step, n_merges, merge_steps (INTEGER[]),
+                  the resolved config flattened with `_` (model_d_model, training_lr,
+                  training_schedule_name, method_rank, method_merge_scale, ...; lists as JSON
+                  text except the step lists), versions (JSON text), run_json (the whole file),
+                  run_dir and files (which of the run's files were present).
+- `train_metrics`, `dynamics`, `perplexity`, `blimp`: the run files' rows with size, condition
+                  and seed taken from the run directory's hive path (it wins over any such
+                  column inside a file); the contract's columns are cast to fixed types, extra
+                  columns are kept.
+- `blimp_reference(uid, phenomenon, model, model_label, accuracy)`: published per-paradigm
+                  accuracies (5-gram, LSTM, Transformer-XL, GPT-2, human agreement) read from
+                  `evaluation.blimp.reference` when it names a folder; empty otherwise. Join it
+                  by `uid` (the published file files two paradigms under another phenomenon).
+- `study`         one row: study, reference_condition, confidence, final_loss_window, config
+                  (JSON text of the study config), blimp_reference, aggregated_at, versions.
+- view `final`    (size, condition, seed, step, metric, value, n, better, family): every run's
+                  last step of each table, one row per run and metric. Metric names:
+                  `train_loss` (loss at the last step), `train_loss_smoothed` (mean over the last
+                  `analysis.final_loss_window` steps); `bpb`, `ppl` (pooled over domains: token-
+                  and byte-weighted), `ppl_doc_mean` (mean of the domains' document means) and
+                  `bpb/<domain>`, `ppl/<domain>`, `ppl_doc_mean/<domain>`; `blimp` (mean of the
+                  paradigms, DESIGN 1.2) and `blimp/<phenomenon>`; `<metric>/<target>` and
+                  `<metric>/<target>/<module>` for every dynamics metric except CKA (mean over
+                  layers). `n`: pairs (BLiMP), tokens (perplexity), steps (smoothed loss) or
+                  layers (dynamics). `better`: 'lower', 'higher' or NULL (no direction).
+- `metric_summary(size, condition, metric, n_seeds, mean, std, ci_low, ci_high, ...)`: mean
+                  and the t-interval (`analysis.confidence`, default 95%) over seeds; NaN
+                  std and interval with one seed.
+- `gap_stats` and view `gap(size, condition, metric, reference, mean_diff, ci_low, ci_high,
+                  p_value, n_seeds, ...)`: each condition minus the reference condition
+                  (`analysis.reference_condition`), paired by seed: mean difference, its
+                  t-interval and the paired t-test p (NaN when n_seeds < 2); for BLiMP metrics
+                  also `ztest_p_value` and `wilcoxon_p_value` (seeds pooled, see below).
+                  Positive `mean_diff` means the condition's value is higher; `better` says
+                  whether that is good.
+- `blimp_tests(size, condition, reference, seed, step, metric, test, statistic, p_value, n,
+                  condition_accuracy, reference_accuracy, diff)`: the paper's two-proportion
+                  z-test on correct pairs (per seed, and with seed NULL pooled over seeds:
+                  pairs summed) for `blimp` and each `blimp/<phenomenon>`, and the Wilcoxon
+                  signed-rank test over paradigms for `blimp` (per seed, and pooled: paradigm
+                  accuracies averaged over seeds).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+RUN_FILES = ("train_metrics", "dynamics", "perplexity", "blimp")
+KEY_TYPES = {"size": "VARCHAR", "condition": "VARCHAR", "seed": "INTEGER"}
+# DESIGN 3.2: the contract's columns (beyond the run keys) and the types they are stored with
+CONTRACT = {
+    "train_metrics": {"step": "BIGINT", "tokens": "BIGINT", "loss": "DOUBLE", "lr": "DOUBLE",
+                      "grad_norm": "DOUBLE", "tokens_per_s": "DOUBLE", "merged": "BOOLEAN"},
+    "dynamics": {"step": "BIGINT", "layer": "INTEGER", "module": "VARCHAR", "target": "VARCHAR",
+                 "metric": "VARCHAR", "value": "DOUBLE"},
+    "perplexity": {"step": "BIGINT", "domain": "VARCHAR", "tokens": "BIGINT", "bytes": "BIGINT",
+                   "nll": "DOUBLE", "ppl": "DOUBLE", "bpb": "DOUBLE", "ppl_doc_mean": "DOUBLE"},
+    "blimp": {"step": "BIGINT", "uid": "VARCHAR", "phenomenon": "VARCHAR", "field": "VARCHAR",
+              "pairs": "BIGINT", "accuracy": "DOUBLE", "source": "VARCHAR"},
+}
+SORT = {"train_metrics": "step", "dynamics": "step, target, metric, module, layer",
+        "perplexity": "step, domain", "blimp": "step, uid"}
+_RUN_DIR = re.compile(r"^size=(?P<size>[^/]+)/condition=(?P<condition>[^/]+)/seed=(?P<seed>\d+)$")
+
+# published BLiMP reference columns (Warstadt et al. 2020) and their labels in figures
+REFERENCE_MODELS = {"ngram": "5-gram", "lstm": "LSTM", "txl": "Transformer-XL", "gpt2": "GPT-2"}
+HUMAN = ("human", "Human agreement")
+
+SUMMARY_COLUMNS = {"size": "VARCHAR", "condition": "VARCHAR", "metric": "VARCHAR",
+                   "family": "VARCHAR", "better": "VARCHAR", "step": "BIGINT",
+                   "n_seeds": "INTEGER", "mean": "DOUBLE", "std": "DOUBLE", "ci_low": "DOUBLE",
+                   "ci_high": "DOUBLE", "min": "DOUBLE", "max": "DOUBLE"}
+GAP_COLUMNS = {"size": "VARCHAR", "condition": "VARCHAR", "metric": "VARCHAR",
+               "reference": "VARCHAR", "mean_diff": "DOUBLE", "ci_low": "DOUBLE",
+               "ci_high": "DOUBLE", "p_value": "DOUBLE", "n_seeds": "INTEGER",
+               "family": "VARCHAR", "better": "VARCHAR", "condition_mean": "DOUBLE",
+               "reference_mean": "DOUBLE", "rel_diff": "DOUBLE", "std_diff": "DOUBLE",
+               "t_statistic": "DOUBLE", "test": "VARCHAR", "ztest_p_value": "DOUBLE",
+               "wilcoxon_p_value": "DOUBLE", "seeds": "INTEGER[]"}
+BLIMP_TEST_COLUMNS = {"size": "VARCHAR", "condition": "VARCHAR", "reference": "VARCHAR",
+                      "seed": "INTEGER", "step": "BIGINT", "metric": "VARCHAR", "test": "VARCHAR",
+                      "statistic": "DOUBLE", "p_value": "DOUBLE", "n": "BIGINT",
+                      "condition_accuracy": "DOUBLE", "reference_accuracy": "DOUBLE",
+                      "diff": "DOUBLE"}
+
+
+class ResultsError(ValueError):
+    """Bad run files or a bad results folder; the message names the path and the problem."""
+
+
+# ---------------------------------------------------------------------------------------------
+# finding runs
+
+
+def run_key(run_dir: Path) -> tuple[str, str, int]:
+    """(size, condition, seed) from a run directory's hive path `size=/condition=/seed=`."""
+    tail = "/".join(Path(run_dir).resolve().parts[-3:])
+    match = _RUN_DIR.match(tail)
+    if not match:
+        raise ResultsError(f"{run_dir}: not a run directory (expected .../size=<s>/condition=<c>/seed=<n>)")
+    return match["size"], match["condition"], int(match["seed"])
+
+
+def find_run_dirs(source) -> list[Path]:
+    """Run directories from a study results folder (`results/<study>` or its `runs/`), or an
+    explicit list of run directories."""
+    if isinstance(source, (list, tuple)):
+        dirs = [Path(p) for p in source]
+        for d in dirs:
+            if not d.is_dir():
+                raise ResultsError(f"{d}: run directory not found")
+            run_key(d)
+    else:
+        root = Path(source)
+        if not root.is_dir():
+            raise ResultsError(f"{root}: results folder not found")
+        base = root / "runs" if (root / "runs").is_dir() else root
+        dirs = [d for d in base.glob("size=*/condition=*/seed=*") if d.is_dir()]
+    dirs = sorted(set(dirs), key=run_key)
+    if not dirs:
+        raise ResultsError(f"{source}: no run directories (size=<s>/condition=<c>/seed=<n>) found")
+    keys = [run_key(d) for d in dirs]
+    if len(set(keys)) != len(keys):
+        raise ResultsError(f"{source}: the same (size, condition, seed) appears twice")
+    return dirs
+
+
+# ---------------------------------------------------------------------------------------------
+# reading run files
+
+
+def _sql_str(value) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def _load_table(con, name: str, run_dirs: list[Path]) -> int:
+    """Materialise one contract table from the run directories' Parquet files."""
+    import pyarrow.parquet as pq
+
+    contract = {**KEY_TYPES, **CONTRACT[name]}
+    parts = []
+    for i, run_dir in enumerate(run_dirs):
+        path = run_dir / f"{name}.parquet"
+        if not path.exists():
+            continue
+        size, condition, seed = run_key(run_dir)
+        try:
+            columns = pq.read_schema(path).names
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+            raise ResultsError(f"{path}: not a readable Parquet file ({e})") from None
+        missing = [c for c in CONTRACT[name] if c not in columns]
+        if missing:
+            raise ResultsError(f"{path}: missing column(s) {', '.join(missing)} "
+                               f"(DESIGN 3.2: {name}({', '.join(contract)}))")
+        select = [f"{_sql_str(size)}::VARCHAR AS size", f"{_sql_str(condition)}::VARCHAR AS condition",
+                  f"{seed}::INTEGER AS seed"]
+        select += [f'CAST("{c}" AS {t}) AS "{c}"' for c, t in CONTRACT[name].items()]
+        select += [f'"{c}"' for c in columns if c not in contract]
+        part = f"_{name}_{i}"
+        try:
+            con.execute(f"CREATE TEMP TABLE {part} AS SELECT {', '.join(select)} "
+                        f"FROM read_parquet({_sql_str(path)})")
+        except Exception as e:  # noqa: BLE001 - duckdb conversion errors
+            raise ResultsError(f"{path}: cannot read as {name} ({e})") from None
+        parts.append(part)
+    if parts:
+        union = " UNION ALL BY NAME ".join(f"SELECT * FROM {p}" for p in parts)
+        con.execute(f"CREATE TABLE {name} AS SELECT * FROM ({union}) "
+                    f"ORDER BY size, condition, seed, {SORT[name]}")
+        for p in parts:
+            con.execute(f"DROP TABLE {p}")
+    else:
+        con.execute(f"CREATE TABLE {name} ({', '.join(f'{c} {t}' for c, t in contract.items())})")
+    return len(parts)
+
+
+def _flatten(prefix: str, value, out: dict) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}_{k}" if prefix else k, v, out)
+    else:
+        out[prefix] = value
+
+
+def _run_row(run_dir: Path, study: dict | None) -> dict:
+    size, condition, seed = run_key(run_dir)
+    row = {"size": size, "condition": condition, "seed": seed, "method": None,
+           "params_total": None, "params_trainable": None}
+    path = run_dir / "run.json"
+    config = {}
+    if path.exists():
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ResultsError(f"{path}: not valid JSON ({e})") from None
+        for key, expected in (("size", size), ("condition", condition), ("seed", seed)):
+            if key in config and config[key] != expected:
+                raise ResultsError(f"{path}: {key} is {config[key]!r} but the run directory says {expected!r}")
+    elif study and condition in study.get("conditions", {}):
+        config = {"method": {"name": study["conditions"][condition].get("method")}}
+    method = config.get("method", {})
+    row["method"] = method.get("name")
+    row["params_total"] = config.get("params_total")
+    row["params_trainable"] = config.get("params_trainable")
+    for key in ("study", "run_seed", "device"):
+        row[key] = config.get(key)
+    training = config.get("training", {})
+    steps = config.get("steps", {})
+    row["last_step"] = training.get("steps")
+    row["n_merges"] = len(steps.get("merge", [])) if steps else None
+    row["merge_steps"] = steps.get("merge") if steps else None
+    for section in ("model", "data", "training"):
+        _flatten(section, config.get(section, {}), row)
+    _flatten("method", {k: v for k, v in method.items() if k != "name"}, row)
+    for key, value in steps.items():
+        row[f"steps_{key}"] = value
+    row["versions"] = json.dumps(config.get("versions")) if "versions" in config else None
+    row["run_json"] = json.dumps(config) if path.exists() else None
+    row["run_dir"] = str(run_dir)
+    row["files"] = [f for f in ("run.json", *(f"{n}.parquet" for n in RUN_FILES))
+                    if (run_dir / f).exists()]
+    return row
+
+
+def _load_runs(con, run_dirs: list[Path], study: dict | None) -> None:
+    import pyarrow as pa
+
+    rows = [_run_row(d, study) for d in run_dirs]
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    columns = {}
+    for key in keys:
+        values = [row.get(key) for row in rows]
+        lists_ok = key in ("merge_steps", "files") or key.startswith("steps_")
+        if any(isinstance(v, (list, dict)) for v in values) and not lists_ok:
+            values = [None if v is None else json.dumps(v) for v in values]
+        try:
+            columns[key] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            columns[key] = pa.array([None if v is None else json.dumps(v) for v in values])
+    runs_arrow = pa.table(columns)  # noqa: F841 - read by name in the SQL below
+    con.execute("CREATE TABLE runs AS SELECT * REPLACE (seed::INTEGER AS seed, "
+                "params_total::BIGINT AS params_total, params_trainable::BIGINT AS params_trainable, "
+                "method::VARCHAR AS method) FROM runs_arrow ORDER BY size, condition, seed")
+
+
+def load_blimp_reference(folder) -> list[dict]:
+    """Published per-paradigm BLiMP accuracies from a folder in the format of
+    ../shared/data/blimp/reference (models_summary.jsonl, human_validation_summary.csv)."""
+    import csv
+
+    folder = Path(folder)
+    models, human = folder / "models_summary.jsonl", folder / "human_validation_summary.csv"
+    if not folder.is_dir() or not (models.exists() or human.exists()):
+        raise ResultsError(f"{folder}: evaluation.blimp.reference must be a folder with "
+                           "models_summary.jsonl and/or human_validation_summary.csv")
+    rows = []
+    if models.exists():
+        for n, line in enumerate(models.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if record["UID"] == "overall":  # summary rows: recomputed over the joined UIDs
+                    continue
+                for model, label in REFERENCE_MODELS.items():
+                    if record.get(model) is not None:
+                        rows.append({"uid": record["UID"], "phenomenon": record.get("linguistics_term"),
+                                     "model": model, "model_label": label,
+                                     "accuracy": float(record[model])})
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise ResultsError(f"{models}:{n}: bad reference row ({e})") from None
+    if human.exists():
+        with open(human, newline="") as f:
+            for n, record in enumerate(csv.DictReader(f), 2):
+                try:
+                    rows.append({"uid": record["Condition"], "phenomenon": None, "model": HUMAN[0],
+                                 "model_label": HUMAN[1], "accuracy": float(record["total_mean"])})
+                except (KeyError, TypeError, ValueError) as e:
+                    raise ResultsError(f"{human}:{n}: bad reference row ({e})") from None
+    return rows
+
+
+def _load_reference(con, folder) -> None:
+    import pyarrow as pa
+
+    con.execute("CREATE TABLE blimp_reference (uid VARCHAR, phenomenon VARCHAR, model VARCHAR, "
+                "model_label VARCHAR, accuracy DOUBLE)")
+    if folder:
+        rows = load_blimp_reference(folder)
+        if rows:
+            reference_arrow = pa.Table.from_pylist(rows)  # noqa: F841
+            con.execute("INSERT INTO blimp_reference SELECT uid, phenomenon, model, model_label, "
+                        "accuracy FROM reference_arrow ORDER BY model, uid")
+
+
+# ---------------------------------------------------------------------------------------------
+# the `final` view
+
+
+def final_view_sql(loss_window: int) -> str:
+    """SQL of the `final` view: every run's last step of each table, one row per run and metric."""
+    return f"""
+CREATE VIEW final AS
+WITH
+tm_last AS (SELECT size, condition, seed, max(step) AS step FROM train_metrics GROUP BY ALL),
+pp_last AS (SELECT size, condition, seed, max(step) AS step FROM perplexity GROUP BY ALL),
+pp AS (SELECT p.* FROM perplexity p JOIN pp_last USING (size, condition, seed, step)),
+bl_last AS (SELECT size, condition, seed, max(step) AS step FROM blimp GROUP BY ALL),
+bl AS (SELECT b.*, CASE WHEN (SELECT count(DISTINCT source) FROM blimp) > 1
+                        THEN '[' || b.source || ']' ELSE '' END AS src
+       FROM blimp b JOIN bl_last USING (size, condition, seed, step)),
+dy_last AS (SELECT size, condition, seed, max(step) AS step FROM dynamics
+            WHERE metric <> 'cka_to_final' GROUP BY ALL),
+dy AS (SELECT d.* FROM dynamics d JOIN dy_last USING (size, condition, seed, step)
+       WHERE d.metric <> 'cka_to_final' AND d.module <> 'block'),
+rows AS (
+  SELECT size, condition, seed, step, 'train_loss' AS metric, loss AS value, 1::BIGINT AS n,
+         'lower' AS better, 'train' AS family
+  FROM train_metrics JOIN tm_last USING (size, condition, seed, step)
+  UNION ALL
+  SELECT t.size, t.condition, t.seed, max(t.step), 'train_loss_smoothed', avg(t.loss), count(*),
+         'lower', 'train'
+  FROM train_metrics t JOIN tm_last l USING (size, condition, seed)
+  WHERE t.step > l.step - {int(loss_window)} GROUP BY t.size, t.condition, t.seed
+  UNION ALL
+  SELECT size, condition, seed, step, 'bpb', sum(nll) / (ln(2) * sum("bytes")), sum(tokens),
+         'lower', 'perplexity' FROM pp GROUP BY size, condition, seed, step
+  UNION ALL
+  SELECT size, condition, seed, step, 'ppl', exp(sum(nll) / sum(tokens)), sum(tokens),
+         'lower', 'perplexity' FROM pp GROUP BY size, condition, seed, step
+  UNION ALL
+  SELECT size, condition, seed, step, 'ppl_doc_mean', avg(ppl_doc_mean), sum(tokens),
+         'lower', 'perplexity' FROM pp GROUP BY size, condition, seed, step
+  UNION ALL
+  SELECT size, condition, seed, step, 'bpb/' || domain, bpb, tokens, 'lower', 'perplexity' FROM pp
+  UNION ALL
+  SELECT size, condition, seed, step, 'ppl/' || domain, ppl, tokens, 'lower', 'perplexity' FROM pp
+  UNION ALL
+  SELECT size, condition, seed, step, 'ppl_doc_mean/' || domain, ppl_doc_mean, tokens, 'lower',
+         'perplexity' FROM pp
+  UNION ALL
+  SELECT size, condition, seed, step, 'blimp' || src, avg(accuracy), sum(pairs), 'higher', 'blimp'
+  FROM bl GROUP BY size, condition, seed, step, src
+  UNION ALL
+  SELECT size, condition, seed, step, 'blimp' || src || '/' || phenomenon, avg(accuracy),
+         sum(pairs), 'higher', 'blimp'
+  FROM bl GROUP BY size, condition, seed, step, src, phenomenon
+  UNION ALL
+  SELECT size, condition, seed, step, metric || '/' || target, avg(value), count(*), NULL,
+         'dynamics' FROM dy GROUP BY size, condition, seed, step, metric, target
+  UNION ALL
+  SELECT size, condition, seed, step, metric || '/' || target || '/' || module, avg(value),
+         count(*), NULL, 'dynamics' FROM dy GROUP BY size, condition, seed, step, metric, target, module
+)
+SELECT size, condition, seed, step, metric, value, n::BIGINT AS n, better, family FROM rows
+ORDER BY size, condition, seed, family, metric
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics
+
+
+def t_interval(values, confidence: float = 0.95) -> tuple[float, float, float, float]:
+    """(mean, std, ci_low, ci_high) of a sample: the Student t-interval of the mean; NaN std
+    and interval for fewer than two values."""
+    import numpy as np
+    from scipy import stats
+
+    x = np.asarray(values, dtype=float)
+    n = len(x)
+    if n == 0:
+        return (math.nan,) * 4
+    mean = float(x.mean())
+    if n < 2:
+        return mean, math.nan, math.nan, math.nan
+    with np.errstate(invalid="ignore"):  # inf values (condition numbers) give NaN spreads
+        std = float(x.std(ddof=1))
+    half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * std / math.sqrt(n)
+    return mean, std, mean - half, mean + half
+
+
+def paired_t(condition_values, reference_values) -> tuple[float, float]:
+    """(t statistic, two-sided p) of the paired t-test; NaN for fewer than two pairs."""
+    from scipy import stats
+
+    if len(condition_values) < 2:
+        return math.nan, math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constant differences: scipy returns NaN and warns
+        result = stats.ttest_rel(condition_values, reference_values)
+    return float(result.statistic), float(result.pvalue)
+
+
+def two_proportion_z(correct_a: float, n_a: float, correct_b: float, n_b: float) -> tuple[float, float]:
+    """(z, two-sided p) of the pooled two-proportion z-test (the paper's BLiMP test)."""
+    from scipy import stats
+
+    if n_a <= 0 or n_b <= 0:
+        return math.nan, math.nan
+    p_a, p_b = correct_a / n_a, correct_b / n_b
+    pooled = (correct_a + correct_b) / (n_a + n_b)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n_a + 1 / n_b))
+    if se == 0:
+        return math.nan, math.nan
+    z = (p_a - p_b) / se
+    return z, float(2 * stats.norm.sf(abs(z)))
+
+
+def wilcoxon_signed_rank(condition_values, reference_values) -> tuple[float, float]:
+    """(statistic, two-sided p) of the Wilcoxon signed-rank test over paired values (paradigms);
+    NaN when every difference is zero or there is nothing to compare."""
+    from scipy import stats
+
+    diffs = [a - b for a, b in zip(condition_values, reference_values)]
+    if not any(d != 0 for d in diffs):
+        return math.nan, math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = stats.wilcoxon(condition_values, reference_values)
+    return float(result.statistic), float(result.pvalue)
+
+
+def _insert(con, table: str, columns: dict, rows: list[dict]) -> None:
+    import pyarrow as pa
+
+    con.execute(f"CREATE TABLE {table} ({', '.join(f'{c} {t}' for c, t in columns.items())})")
+    if rows:
+        arrow = pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows])  # noqa: F841
+        con.execute(f"INSERT INTO {table} SELECT {', '.join(f'CAST({c} AS {t})' for c, t in columns.items())} "
+                    "FROM arrow")
+
+
+def _statistics(con, reference: str, confidence: float) -> None:
+    final = con.execute("SELECT size, condition, seed, step, metric, value, family, better "
+                        "FROM final").fetchall()
+    groups: dict[tuple, dict[int, tuple]] = {}
+    for size, condition, seed, step, metric, value, family, better in final:
+        groups.setdefault((size, condition, metric), {})[seed] = (value, step, family, better)
+
+    summary = []
+    for (size, condition, metric), by_seed in groups.items():
+        values = [v[0] for v in by_seed.values()]
+        mean, std, low, high = t_interval(values, confidence)
+        first = next(iter(by_seed.values()))
+        summary.append({"size": size, "condition": condition, "metric": metric, "family": first[2],
+                        "better": first[3], "step": max(v[1] for v in by_seed.values()),
+                        "n_seeds": len(values), "mean": mean, "std": std, "ci_low": low,
+                        "ci_high": high, "min": min(values), "max": max(values)})
+    _insert(con, "metric_summary", SUMMARY_COLUMNS, summary)
+
+    blimp_tests = _blimp_tests(con, reference)
+    pooled = {(r["size"], r["condition"], r["metric"], r["test"]): r["p_value"]
+              for r in blimp_tests if r["seed"] is None}
+    gap = []
+    for (size, condition, metric), by_seed in groups.items():
+        ref = groups.get((size, reference, metric))
+        if condition == reference or not ref:
+            continue
+        seeds = sorted(set(by_seed) & set(ref))
+        if not seeds:
+            continue
+        cond_values = [by_seed[s][0] for s in seeds]
+        ref_values = [ref[s][0] for s in seeds]
+        diffs = [a - b for a, b in zip(cond_values, ref_values)]
+        mean_diff, std_diff, low, high = t_interval(diffs, confidence)
+        t_stat, p_value = paired_t(cond_values, ref_values)
+        ref_mean = sum(ref_values) / len(ref_values)
+        first = by_seed[seeds[0]]
+        gap.append({
+            "size": size, "condition": condition, "metric": metric, "reference": reference,
+            "mean_diff": mean_diff, "ci_low": low, "ci_high": high, "p_value": p_value,
+            "n_seeds": len(seeds), "family": first[2], "better": first[3],
+            "condition_mean": sum(cond_values) / len(cond_values), "reference_mean": ref_mean,
+            "rel_diff": mean_diff / ref_mean if ref_mean not in (0, 0.0) else math.nan,
+            "std_diff": std_diff, "t_statistic": t_stat, "test": "paired_t",
+            "ztest_p_value": pooled.get((size, condition, metric, "two_proportion_z")),
+            "wilcoxon_p_value": pooled.get((size, condition, metric, "wilcoxon_signed_rank")),
+            "seeds": seeds,
+        })
+    _insert(con, "gap_stats", GAP_COLUMNS, gap)
+    _insert(con, "blimp_tests", BLIMP_TEST_COLUMNS, blimp_tests)
+    con.execute(f"CREATE VIEW gap AS SELECT {', '.join(GAP_COLUMNS)} FROM gap_stats "
+                "ORDER BY size, condition, family, metric")
+
+
+def _blimp_tests(con, reference: str) -> list[dict]:
+    """Two-proportion z-tests and Wilcoxon signed-rank tests of each condition vs the reference
+    on the BLiMP pairs of every run's last evaluated step."""
+    rows = con.execute("""
+        WITH last AS (SELECT size, condition, seed, max(step) AS step FROM blimp GROUP BY ALL),
+        multi AS (SELECT count(DISTINCT source) > 1 AS multi FROM blimp)
+        SELECT size, condition, seed, step,
+               'blimp' || CASE WHEN multi THEN '[' || source || ']' ELSE '' END AS metric,
+               uid, phenomenon, pairs, accuracy
+        FROM blimp JOIN last USING (size, condition, seed, step), multi""").fetchall()
+    # runs[(size, condition, metric)][seed] = (step, {uid: (phenomenon, pairs, accuracy)})
+    runs: dict[tuple, dict[int, tuple]] = {}
+    for size, condition, seed, step, metric, uid, phenomenon, pairs, accuracy in rows:
+        entry = runs.setdefault((size, condition, metric), {}).setdefault(seed, (step, {}))
+        entry[1][uid] = (phenomenon, pairs, accuracy)
+
+    def counts(paradigms: dict, uids, phenomenon=None):
+        chosen = [paradigms[u] for u in uids if phenomenon is None or paradigms[u][0] == phenomenon]
+        return sum(p * a for _, p, a in chosen), sum(p for _, p, _ in chosen)
+
+    out = []
+    for (size, condition, metric), by_seed in sorted(runs.items()):
+        ref = runs.get((size, reference, metric))
+        if condition == reference or not ref:
+            continue
+        seeds = sorted(set(by_seed) & set(ref))
+        if not seeds:
+            continue
+        common = {s: sorted(set(by_seed[s][1]) & set(ref[s][1])) for s in seeds}
+        phenomena = sorted({by_seed[s][1][u][0] for s in seeds for u in common[s]} - {None})
+        base = {"size": size, "condition": condition, "reference": reference}
+        for seed in [*seeds, None]:
+            use = seeds if seed is None else [seed]
+            step = max(by_seed[s][0] for s in use)
+            for scope in [None, *phenomena]:
+                c_correct = c_n = r_correct = r_n = 0.0
+                for s in use:
+                    a, n = counts(by_seed[s][1], common[s], scope)
+                    b, m = counts(ref[s][1], common[s], scope)
+                    c_correct, c_n, r_correct, r_n = c_correct + a, c_n + n, r_correct + b, r_n + m
+                if c_n == 0:
+                    continue
+                z, p = two_proportion_z(c_correct, c_n, r_correct, r_n)
+                out.append({**base, "seed": seed, "step": step,
+                            "metric": metric if scope is None else f"{metric}/{scope}",
+                            "test": "two_proportion_z", "statistic": z, "p_value": p,
+                            "n": int(round(c_n)), "condition_accuracy": c_correct / c_n,
+                            "reference_accuracy": r_correct / r_n,
+                            "diff": c_correct / c_n - r_correct / r_n})
+            # Wilcoxon over the paradigms every used seed has (accuracies averaged over seeds)
+            uids = sorted(set.intersection(*(set(common[s]) for s in use)))
+            cond_acc = [sum(by_seed[s][1][u][2] for s in use) / len(use) for u in uids]
+            ref_acc = [sum(ref[s][1][u][2] for s in use) / len(use) for u in uids]
+            w, p = wilcoxon_signed_rank(cond_acc, ref_acc)
+            out.append({**base, "seed": seed, "step": step, "metric": metric,
+                        "test": "wilcoxon_signed_rank", "statistic": w, "p_value": p, "n": len(uids),
+                        "condition_accuracy": sum(cond_acc) / len(uids) if uids else math.nan,
+                        "reference_accuracy": sum(ref_acc) / len(uids) if uids else math.nan,
+                        "diff": (sum(cond_acc) - sum(ref_acc)) / len(uids) if uids else math.nan})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the entry point
+
+
+def study_settings(study: dict | None) -> dict:
+    """The settings aggregation reads from a study config (defaults when absent)."""
+    study = study or {}
+    analysis = study.get("analysis") or {}
+    blimp = (study.get("evaluation") or {}).get("blimp") or {}
+    return {
+        "study": study.get("study"),
+        "reference_condition": analysis.get("reference_condition") or "full",
+        "confidence": float(analysis.get("confidence", 0.95)),
+        "final_loss_window": int(analysis.get("final_loss_window", 10)),
+        "blimp_reference": blimp.get("reference") if isinstance(blimp, dict) else None,
+    }
+
+
+def aggregate(source, study: dict | str | Path | None, out_db, blimp_reference=None) -> Path:
+    """Build `out_db` (study.duckdb) from a results folder or a list of run directories.
+
+    `study` is the study config (a dict, or a path loaded with relora.config.load_study), used
+    for `analysis.reference_condition`, `analysis.confidence`, `analysis.final_loss_window`
+    and `evaluation.blimp.reference` (overridden by `blimp_reference`). Returns the path.
+    """
+    import duckdb
+
+    if isinstance(study, (str, Path)):
+        from .config import load_study
+
+        study = load_study(study)
+    settings = study_settings(study)
+    if blimp_reference is not None:
+        settings["blimp_reference"] = str(blimp_reference) or None
+    run_dirs = find_run_dirs(source)
+
+    out_db = Path(out_db)
+    out_db.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_db.with_name(f".{out_db.name}.{os.getpid()}.tmp")
+    wal = tmp.with_name(tmp.name + ".wal")
+    for leftover in (tmp, wal):
+        leftover.unlink(missing_ok=True)
+    con = duckdb.connect(str(tmp))
+    try:
+        _load_runs(con, run_dirs, study)
+        for name in RUN_FILES:
+            _load_table(con, name, run_dirs)
+        _load_reference(con, settings["blimp_reference"])
+        con.execute(final_view_sql(settings["final_loss_window"]))
+        _statistics(con, settings["reference_condition"], settings["confidence"])
+        _write_study_row(con, study, settings, len(run_dirs))
+        con.execute("CHECKPOINT")
+        con.close()
+        os.replace(tmp, out_db)
+    except BaseException:
+        con.close()
+        for leftover in (tmp, wal):
+            leftover.unlink(missing_ok=True)
+        raise
+    return out_db
+
+
+def _write_study_row(con, study: dict | None, settings: dict, n_runs: int) -> None:
+    import duckdb
+    import scipy
+
+    from . import __version__ as relora_version
+
+    con.execute("CREATE TABLE study (study VARCHAR, reference_condition VARCHAR, confidence DOUBLE, "
+                "final_loss_window INTEGER, config VARCHAR, blimp_reference VARCHAR, "
+                "aggregated_at TIMESTAMPTZ, n_runs INTEGER, relora_version VARCHAR, "
+                "duckdb_version VARCHAR, scipy_version VARCHAR)")
+    name = settings["study"] or (con.execute("SELECT any_value(study) FROM runs").fetchall()[0][0]
+                                 if "study" in _columns(con, "runs") else None)
+    con.execute("INSERT INTO study VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [
+        name, settings["reference_condition"], settings["confidence"],
+        settings["final_loss_window"], json.dumps(study) if study else None,
+        settings["blimp_reference"], datetime.now(timezone.utc), n_runs, relora_version,
+        duckdb.__version__, scipy.__version__])
+
+
+def _columns(con, table: str) -> list[str]:
+    return [r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()]

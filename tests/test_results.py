@@ -1,0 +1,250 @@
+"""DuckDB aggregation of run directories: tables, views, statistics, atomic write."""
+
+import math
+import shutil
+
+import duckdb
+import numpy as np
+import pytest
+from scipy import stats
+
+import synthetic_runs as syn
+from relora import results
+from relora.results import CONTRACT, aggregate
+
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("results") / "synthetic"
+    study = syn.write_synthetic_study(root)
+    return root, study
+
+
+@pytest.fixture(scope="module")
+def db(study_dir):
+    root, study = study_dir
+    path = aggregate(root, study, root / "study.duckdb")
+    con = duckdb.connect(str(path), read_only=True)
+    yield con
+    con.close()
+
+
+def rows(con, sql, *params):
+    cursor = con.execute(sql, list(params))
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, r)) for r in cursor.fetchall()]
+
+
+def columns(con, table):
+    return [r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()]
+
+
+def test_tables_and_views_follow_the_contract(db):
+    tables = {r[0]: r[1] for r in db.execute(
+        "SELECT table_name, table_type FROM information_schema.tables").fetchall()}
+    for name in ("runs", "train_metrics", "dynamics", "perplexity", "blimp", "blimp_reference",
+                 "metric_summary", "gap_stats", "blimp_tests", "study"):
+        assert tables[name] == "BASE TABLE", name
+    assert tables["final"] == "VIEW" and tables["gap"] == "VIEW"
+    for name, contract in CONTRACT.items():
+        assert columns(db, name)[:3] == ["size", "condition", "seed"]
+        assert set(contract) <= set(columns(db, name)), name
+    assert columns(db, "runs")[:6] == ["size", "condition", "seed", "method", "params_total",
+                                       "params_trainable"]
+    assert columns(db, "gap")[:9] == ["size", "condition", "metric", "reference", "mean_diff",
+                                      "ci_low", "ci_high", "p_value", "n_seeds"]
+
+
+def test_row_counts_and_keys_from_the_hive_path(db):
+    assert db.execute("SELECT count(*) FROM runs").fetchall()[0][0] == 12
+    assert db.execute("SELECT count(*) FROM train_metrics").fetchall()[0][0] == 12 * syn.STEPS
+    keys = db.execute("SELECT DISTINCT size, condition, seed FROM perplexity ORDER BY ALL").fetchall()
+    assert len(keys) == 12 and ("small", "relora-paper", 1) in keys
+    run = rows(db, "SELECT * FROM runs WHERE size='tiny' AND condition='relora' AND seed=1")[0]
+    assert run["method"] == "relora" and run["method_rank"] == 8
+    assert run["merge_steps"] == [101, 201] and run["n_merges"] == 2
+    assert run["training_schedule_name"] == "jagged_cosine" and run["last_step"] == syn.STEPS
+    assert run["files"] == ["run.json", "train_metrics.parquet", "dynamics.parquet",
+                            "perplexity.parquet", "blimp.parquet"]
+    merged = db.execute("SELECT step FROM train_metrics WHERE merged AND size='tiny' "
+                        "AND condition='relora' AND seed=0 ORDER BY step").fetchall()
+    assert [m[0] for m in merged] == [101, 201]
+
+
+def test_final_view_values(db):
+    final = {(r["size"], r["condition"], r["seed"], r["metric"]): r for r in rows(db, "SELECT * FROM final")}
+    r = final[("small", "relora", 1, "train_loss")]
+    assert r["step"] == syn.STEPS and r["better"] == "lower"
+    assert r["value"] == pytest.approx(syn.final_train_loss("small", "relora", 1))
+    window = [syn.train_loss("tiny", "full", 0, k) for k in range(syn.STEPS - 9, syn.STEPS + 1)]
+    assert final[("tiny", "full", 0, "train_loss_smoothed")]["value"] == pytest.approx(np.mean(window))
+    assert final[("tiny", "full", 0, "bpb/wiki")]["value"] == pytest.approx(
+        syn.bpb("tiny", "full", 0, syn.STEPS, "wiki"))
+    pooled = np.mean([syn.bpb("tiny", "full", 0, syn.STEPS, d) for d in syn.DOMAINS])  # equal bytes
+    assert final[("tiny", "full", 0, "bpb")]["value"] == pytest.approx(pooled)
+    accs = [syn.blimp_accuracy("small", "relora-paper", 0, syn.STEPS, i) for i in range(len(syn.PARADIGMS))]
+    assert final[("small", "relora-paper", 0, "blimp")]["value"] == pytest.approx(np.mean(accs))
+    assert final[("small", "relora-paper", 0, "blimp")]["n"] == syn.PAIRS * len(syn.PARADIGMS)
+    assert final[("small", "relora-paper", 0, "blimp/anaphor_agreement")]["value"] == pytest.approx(np.mean(accs[:2]))
+    per = [syn.weight_per("tiny", "relora", 0, syn.STEPS, "w_2", layer) for layer in range(syn.N_LAYERS)]
+    assert final[("tiny", "relora", 0, "per/weight/w_2")]["value"] == pytest.approx(np.mean(per))
+    assert ("tiny", "full", 0, "per/adapter") not in final
+    assert final[("tiny", "relora", 0, "condition_number/adapter")]["value"] == math.inf
+
+
+def test_summary_is_the_t_interval_over_seeds(db):
+    r = rows(db, "SELECT * FROM metric_summary WHERE size='small' AND condition='relora' "
+                 "AND metric='train_loss'")[0]
+    x = [syn.final_train_loss("small", "relora", s) for s in syn.SEEDS]
+    low, high = stats.t.interval(0.95, len(x) - 1, loc=np.mean(x), scale=stats.sem(x))
+    assert r["n_seeds"] == 2 and r["mean"] == pytest.approx(np.mean(x))
+    assert r["std"] == pytest.approx(np.std(x, ddof=1))
+    assert (r["ci_low"], r["ci_high"]) == (pytest.approx(low), pytest.approx(high))
+
+
+@pytest.mark.parametrize("size", list(syn.SIZES))
+@pytest.mark.parametrize("condition", ["relora", "relora-paper"])
+def test_gap_is_a_paired_t_test_against_the_reference(db, size, condition):
+    g = rows(db, "SELECT * FROM gap WHERE size=? AND condition=? AND metric='train_loss'", size, condition)[0]
+    c = [syn.final_train_loss(size, condition, s) for s in syn.SEEDS]
+    f = [syn.final_train_loss(size, "full", s) for s in syn.SEEDS]
+    d = np.subtract(c, f)
+    low, high = stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=stats.sem(d))
+    assert g["reference"] == "full" and g["n_seeds"] == 2 and g["seeds"] == [0, 1]
+    assert g["mean_diff"] == pytest.approx(d.mean()) and g["mean_diff"] > 0  # ReLoRA is worse
+    assert (g["ci_low"], g["ci_high"]) == (pytest.approx(low), pytest.approx(high))
+    assert g["p_value"] == pytest.approx(stats.ttest_rel(c, f).pvalue)
+    assert g["better"] == "lower" and g["test"] == "paired_t"
+    blimp = rows(db, "SELECT * FROM gap WHERE size=? AND condition=? AND metric='blimp'", size, condition)[0]
+    assert blimp["mean_diff"] < 0 and blimp["better"] == "higher"  # ReLoRA is worse on BLiMP too
+    assert 0 < blimp["ztest_p_value"] < 1 and 0 < blimp["wilcoxon_p_value"] < 1
+
+
+def test_gap_widens_with_size_and_excludes_the_reference(db):
+    gap = {(r["size"], r["condition"]): r["mean_diff"] for r in rows(
+        db, "SELECT * FROM gap WHERE metric='train_loss'")}
+    assert ("tiny", "full") not in gap
+    assert gap[("small", "relora-paper")] > gap[("tiny", "relora-paper")]
+
+
+def test_blimp_tests_match_scipy(db):
+    size, condition, seed = "tiny", "relora-paper", 1
+    acc_c = [syn.blimp_accuracy(size, condition, seed, syn.STEPS, i) for i in range(len(syn.PARADIGMS))]
+    acc_f = [syn.blimp_accuracy(size, "full", seed, syn.STEPS, i) for i in range(len(syn.PARADIGMS))]
+    n = syn.PAIRS * len(acc_c)
+    x_c, x_f = sum(a * syn.PAIRS for a in acc_c), sum(a * syn.PAIRS for a in acc_f)
+    pooled = (x_c + x_f) / (2 * n)
+    z = (x_c / n - x_f / n) / math.sqrt(pooled * (1 - pooled) * 2 / n)
+    t = {r["test"]: r for r in rows(db, "SELECT * FROM blimp_tests WHERE size=? AND condition=? "
+                                        "AND seed=? AND metric='blimp'", size, condition, seed)}
+    assert t["two_proportion_z"]["statistic"] == pytest.approx(z)
+    assert t["two_proportion_z"]["p_value"] == pytest.approx(2 * stats.norm.sf(abs(z)))
+    assert t["two_proportion_z"]["n"] == n
+    w = stats.wilcoxon(acc_c, acc_f)
+    assert t["wilcoxon_signed_rank"]["statistic"] == pytest.approx(w.statistic)
+    assert t["wilcoxon_signed_rank"]["p_value"] == pytest.approx(w.pvalue)
+    assert t["wilcoxon_signed_rank"]["n"] == len(syn.PARADIGMS)
+    # pooled over seeds: counts summed, seed NULL; per phenomenon too
+    pooled_rows = rows(db, "SELECT * FROM blimp_tests WHERE size=? AND condition=? AND seed IS NULL "
+                           "AND test='two_proportion_z'", size, condition)
+    assert {r["metric"] for r in pooled_rows} == {"blimp", *(f"blimp/{p}" for p in
+                                                              {p[1] for p in syn.PARADIGMS})}
+    assert next(r for r in pooled_rows if r["metric"] == "blimp")["n"] == n * len(syn.SEEDS)
+
+
+def test_one_seed_gives_nan_p_and_point_gaps(tmp_path):
+    study = syn.write_synthetic_study(tmp_path, seeds=(0,))
+    con = duckdb.connect(str(aggregate(tmp_path, study, tmp_path / "s.duckdb")), read_only=True)
+    g = rows(con, "SELECT * FROM gap WHERE size='tiny' AND condition='relora' AND metric='train_loss'")[0]
+    assert g["n_seeds"] == 1 and math.isnan(g["p_value"]) and math.isnan(g["ci_low"])
+    assert g["mean_diff"] == pytest.approx(syn.final_train_loss("tiny", "relora", 0)
+                                           - syn.final_train_loss("tiny", "full", 0))
+    blimp = rows(con, "SELECT * FROM gap WHERE size='tiny' AND condition='relora' AND metric='blimp'")[0]
+    assert 0 < blimp["ztest_p_value"] < 1  # the one test a one-seed study has
+    s = rows(con, "SELECT * FROM metric_summary WHERE metric='bpb' LIMIT 1")[0]
+    assert s["n_seeds"] == 1 and math.isnan(s["std"])
+
+
+def test_missing_files_and_explicit_run_dirs(tmp_path):
+    missing = {("tiny", "relora", 0): ["blimp", "perplexity", "dynamics"],
+               ("tiny", "full", 0): ["run.json"]}
+    study = syn.write_synthetic_study(tmp_path, sizes=("tiny",), conditions=("full", "relora"),
+                                      seeds=(0,), missing=missing)
+    run_dirs = sorted((tmp_path / "runs").glob("size=*/condition=*/seed=*"))
+    con = duckdb.connect(str(aggregate(run_dirs, study, tmp_path / "s.duckdb")), read_only=True)
+    assert con.execute("SELECT count(*) FROM blimp WHERE condition='relora'").fetchall()[0][0] == 0
+    run = rows(con, "SELECT * FROM runs WHERE condition='full'")[0]
+    assert run["method"] == "full" and run["params_total"] is None and run["run_json"] is None
+    metrics = {r["metric"] for r in rows(con, "SELECT metric FROM gap")}
+    assert "train_loss" in metrics and "blimp" not in metrics and "bpb" not in metrics
+
+
+def test_a_run_set_without_some_table_still_has_it(tmp_path):
+    missing = {("tiny", "full", 0): ["blimp"]}
+    syn.write_synthetic_study(tmp_path, sizes=("tiny",), conditions=("full",), seeds=(0,), missing=missing)
+    con = duckdb.connect(str(aggregate(tmp_path, None, tmp_path / "s.duckdb")), read_only=True)
+    assert set(CONTRACT["blimp"]) <= set(columns(con, "blimp"))
+    assert con.execute("SELECT count(*) FROM gap").fetchall()[0][0] == 0
+    assert rows(con, "SELECT * FROM study")[0]["reference_condition"] == "full"
+
+
+def test_reference_condition_from_the_study(tmp_path):
+    study = syn.write_synthetic_study(tmp_path, sizes=("tiny",), seeds=(0,))
+    study["analysis"]["reference_condition"] = "relora"
+    con = duckdb.connect(str(aggregate(tmp_path, study, tmp_path / "s.duckdb")), read_only=True)
+    conditions = {r["condition"] for r in rows(con, "SELECT * FROM gap WHERE reference='relora'")}
+    assert conditions == {"full", "relora-paper"}
+    full = rows(con, "SELECT * FROM gap WHERE condition='full' AND metric='train_loss'")[0]
+    assert full["mean_diff"] < 0
+
+
+def test_blimp_reference_is_loaded_from_the_configured_folder(tmp_path, blimp_dir):
+    study = syn.write_synthetic_study(tmp_path, sizes=("tiny",), conditions=("full",), seeds=(0,))
+    study.setdefault("evaluation", {})["blimp"] = {"reference": str(blimp_dir / "reference")}
+    con = duckdb.connect(str(aggregate(tmp_path, study, tmp_path / "s.duckdb")), read_only=True)
+    models = {r[0] for r in con.execute("SELECT DISTINCT model FROM blimp_reference").fetchall()}
+    assert models == {"ngram", "lstm", "txl", "gpt2", "human"}
+    joined = con.execute("SELECT count(DISTINCT b.uid) FROM blimp b JOIN blimp_reference r "
+                         "USING (uid) WHERE r.model = 'gpt2'").fetchall()[0][0]
+    assert joined == len(syn.PARADIGMS)
+    with pytest.raises(results.ResultsError, match="reference"):
+        aggregate(tmp_path, study, tmp_path / "t.duckdb", blimp_reference=tmp_path / "nowhere")
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path):
+    study = syn.write_synthetic_study(tmp_path / "r", sizes=("tiny",), conditions=("full", "relora"), seeds=(0,))
+    out = tmp_path / "r" / "study.duckdb"
+    aggregate(tmp_path / "r", study, out)
+    before = out.read_bytes()
+    bad = tmp_path / "r" / "runs" / "size=tiny" / "condition=relora" / "seed=0" / "perplexity.parquet"
+    bad.write_bytes(b"not parquet")
+    with pytest.raises(results.ResultsError, match="perplexity.parquet"):
+        aggregate(tmp_path / "r", study, out)
+    assert out.read_bytes() == before  # the old database is untouched
+    assert sorted(p.name for p in out.parent.iterdir()) == ["runs", "study.duckdb"]
+    out.unlink()
+    with pytest.raises(results.ResultsError):
+        aggregate(tmp_path / "r", study, out)
+    assert not out.exists()
+
+
+def test_contract_violations_name_the_file(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    syn.write_synthetic_study(tmp_path, sizes=("tiny",), conditions=("full",), seeds=(0,))
+    path = tmp_path / "runs" / "size=tiny" / "condition=full" / "seed=0" / "train_metrics.parquet"
+    pq.write_table(pa.table({"step": [1], "loss": [2.0]}), path)
+    with pytest.raises(results.ResultsError, match=r"train_metrics.parquet: missing column\(s\) tokens"):
+        aggregate(tmp_path, None, tmp_path / "s.duckdb")
+    with pytest.raises(results.ResultsError, match="no run directories"):
+        aggregate(tmp_path / "runs" / "size=tiny", None, tmp_path / "s.duckdb")
+
+
+def test_run_json_must_agree_with_its_directory(tmp_path):
+    syn.write_synthetic_study(tmp_path, sizes=("tiny",), conditions=("full",), seeds=(0,))
+    src = tmp_path / "runs" / "size=tiny" / "condition=full" / "seed=0"
+    shutil.copytree(src, tmp_path / "runs" / "size=tiny" / "condition=full" / "seed=3")
+    with pytest.raises(results.ResultsError, match="seed is 0"):
+        aggregate(tmp_path, None, tmp_path / "s.duckdb")
