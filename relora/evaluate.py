@@ -190,13 +190,22 @@ def load_snapshot(path, expected: ModelConfig | None = None, scale: float | None
                 raise ValueError(f"{config_path}: checkpoint does not match the run config: "
                                  f"{name} is {got} in the checkpoint, {want} in the run")
 
+    weights_file = path / "model.safetensors"
+    if raw.get("sha256") and weights_file.is_file():
+        import hashlib
+
+        digest = hashlib.sha256()
+        with open(weights_file, "rb") as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
+        if digest.hexdigest() != raw["sha256"]:
+            raise ValueError(f"{weights_file}: sha256 differs from {config_path} (truncated or altered checkpoint)")
     tensors = {}
     for key, value in _read_tensors(path).items():
         for prefix in HF_PREFIXES:
             if key.startswith(prefix):
                 key = key[len(prefix):]
         tensors[key] = value
-    weights_file = path / "model.safetensors"
     shapes = _expected_shapes(config)
     missing = [k for k in shapes if k not in tensors]
     if missing:

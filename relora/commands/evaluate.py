@@ -1,0 +1,156 @@
+"""`relora evaluate` (perplexity, bits per byte, BLiMP) and `relora dynamics` (spectra, CKA).
+
+Both read RUN_DIR/run.json for the run's size, condition and seed, ask the resolver for the
+run's evaluation / analysis steps, and read RUN_DIR/checkpoints/step_<k>/ in this project's
+layout or as a Hugging Face folder of the paper's released checkpoints (so a user can put the
+paper's models through the same analysis: a run.json naming size, condition and seed plus the
+downloaded snapshots under checkpoints/step_<k>/). Tables are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+PERPLEXITY_COLUMNS = ["size", "condition", "seed", "step", "domain", "docs", "tokens", "bytes", "nll",
+                      "ppl", "bpb", "ppl_doc_mean"]
+BLIMP_COLUMNS = ["size", "condition", "seed", "step", "uid", "phenomenon", "field", "pairs", "correct",
+                 "accuracy", "source"]
+DYNAMICS_COLUMNS = ["size", "condition", "seed", "step", "layer", "module", "target", "metric", "value"]
+
+
+def _common(p) -> None:
+    p.add_argument("--config", required=True, type=Path, help="study YAML")
+    p.add_argument("--data", required=True, type=Path, help="data directory (eval/, blimp/, probe.npy)")
+    p.add_argument("--run", required=True, type=Path, help="run directory with run.json and checkpoints/")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a study key (repeatable)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--steps", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help="comma-separated steps instead of the resolver's (e.g. for a partial run)")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("evaluate", help="per-domain perplexity / bits per byte and BLiMP of a run's checkpoints")
+    _common(p)
+    p.add_argument("--out-dir", type=Path, default=None, help="where the tables go (default: the run directory)")
+    p.set_defaults(handler=run_evaluate)
+
+    p = subparsers.add_parser("dynamics", help="rank metrics of weights, gradients, updates, adapters and CKA")
+    _common(p)
+    p.add_argument("--out-dir", type=Path, default=None, help="where the table goes (default: the run directory)")
+    p.set_defaults(handler=run_dynamics)
+
+
+def _setup(args, kind: str):
+    """(study, run, steps, device) for a run directory; errors name the file."""
+    import torch
+
+    from ..config import load_study, resolve_run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_json = args.run / "run.json"
+    if not run_json.is_file():
+        raise FileNotFoundError(f"{run_json}: run description not found")
+    try:
+        info = json.loads(run_json.read_text())
+        size, condition, seed = info["size"], info["condition"], int(info["seed"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{run_json}: needs size, condition and seed ({e})") from None
+    study = load_study(args.config, args.overrides)
+    run = resolve_run(study, size, condition, seed)
+    steps = args.steps or run["steps"][kind]
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return study, run, sorted(steps), torch.device(device)
+
+
+def _snapshot_loader(args, run, step):
+    from ..evaluate import load_snapshot, step_dir
+    from ..model import ModelConfig
+
+    path = step_dir(args.run / "checkpoints", step)  # raises naming the folder
+    expected = ModelConfig(**run["model"])
+    scale = run["method"].get("scale")
+    return lambda: load_snapshot(path, expected=expected, scale=scale)
+
+
+def _progress(label: str, total: int):
+    start = time.perf_counter()
+    done = [0]
+
+    def tick(step):
+        done[0] += 1
+        print(f"{label}: step {step} done ({done[0]}/{total}, {time.perf_counter() - start:.1f}s)", file=sys.stderr)
+
+    return tick
+
+
+def run_evaluate(args) -> int:
+    from ..evaluate import (blimp_scores, load_tokenizer, read_blimp, read_eval_domains, score_documents,
+                            write_parquet_atomic)
+
+    study, run, steps, device = _setup(args, "evaluation")
+    evaluation = study.get("evaluation", {})
+    context = run["model"]["max_seq_len"]
+    stride = (evaluation.get("perplexity") or {}).get("stride")
+    if stride is not None and stride >= context:
+        raise ValueError(f"{args.config}: evaluation.perplexity.stride {stride} must be below the context {context}")
+    batch_tokens = evaluation.get("batch_tokens", 4096)
+    max_docs = (evaluation.get("perplexity") or {}).get("max_docs")
+    loaders = {step: _snapshot_loader(args, run, step) for step in steps}  # every step exists before work starts
+    domains = read_eval_domains(args.data / "eval", max_docs)
+    pairs = read_blimp(args.data / "blimp")
+    encode, eos_id = load_tokenizer(args.data)
+    vocab = run["model"]["vocab_size"]
+    source = str((evaluation.get("blimp") or {}).get("source", "local"))
+    keys = {"size": run["size"], "condition": run["condition"], "seed": run["seed"]}
+    ppl_rows, blimp_rows = [], []
+    tick = _progress("relora evaluate", len(steps))
+    for step in steps:
+        model = loaders[step]().model(device)
+        for domain, (docs, n_bytes) in domains.items():
+            if docs and max(max(d) if len(d) else 0 for d in docs) >= vocab:
+                raise ValueError(f"{args.data / 'eval' / (domain + '.parquet')}: token ids exceed the "
+                                 f"model's vocabulary of {vocab}")
+            t0 = time.perf_counter()
+            score = score_documents(model, docs, n_bytes, stride, batch_tokens, device)
+            ppl_rows.append({**keys, "step": step, "domain": domain, "docs": score.docs, "tokens": score.tokens,
+                             "bytes": score.bytes, "nll": score.nll, "ppl": score.ppl, "bpb": score.bpb,
+                             "ppl_doc_mean": score.ppl_doc_mean, "seconds": time.perf_counter() - t0})
+        for row in blimp_scores(model, pairs, encode, eos_id, batch_tokens, device):
+            blimp_rows.append({**keys, "step": step, **row, "source": source})
+        tick(step)
+    out = args.out_dir or args.run
+    write_parquet_atomic(ppl_rows, out / "perplexity.parquet", PERPLEXITY_COLUMNS)
+    write_parquet_atomic(blimp_rows, out / "blimp.parquet", BLIMP_COLUMNS)
+    print(f"wrote {out / 'perplexity.parquet'} ({len(ppl_rows)} rows) and {out / 'blimp.parquet'} "
+          f"({len(blimp_rows)} rows)", file=sys.stderr)
+    return 0
+
+
+def run_dynamics(args) -> int:
+    from ..dynamics import analyse_checkpoints, load_probe
+    from ..evaluate import write_parquet_atomic
+
+    study, run, steps, device = _setup(args, "analysis")
+    analysis = study.get("analysis", {})
+    targets = tuple(analysis.get("targets", ("weight", "gradient", "update", "adapter")))
+    cka = analysis.get("cka", True)
+    if "update" in targets and 0 not in steps:
+        steps = [0, *steps]  # W_0 is needed; step 0 is always a checkpoint step
+    loaders = {step: _snapshot_loader(args, run, step) for step in steps}
+    probe = load_probe(args.data / "probe.npy") if ("gradient" in targets or cka) else None
+    rows = analyse_checkpoints(loaders, probe, targets, cka, analysis.get("probe_micro_batch"), device,
+                               progress=_progress("relora dynamics", len(steps)))
+    keys = {"size": run["size"], "condition": run["condition"], "seed": run["seed"]}
+    rows = [{**keys, **row} for row in rows]
+    out = args.out_dir or args.run
+    write_parquet_atomic(rows, out / "dynamics.parquet", DYNAMICS_COLUMNS)
+    print(f"wrote {out / 'dynamics.parquet'} ({len(rows)} rows)", file=sys.stderr)
+    return 0

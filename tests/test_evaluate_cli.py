@@ -1,0 +1,161 @@
+"""`relora evaluate` and `relora dynamics` on a run directory built in the checkpoint contract."""
+
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from relora.cli import main
+from relora.config import load_study, model_config, resolve_run
+from test_evaluate import make_model, relora_adapters, save_checkpoint, train_tokenizer
+
+BLIMP_UIDS = ("anaphor_gender_agreement", "determiner_noun_agreement_1")
+
+
+def study_dict():
+    return {
+        "study": "evaltest",
+        "data": {"seq_len": 32, "probe_batch": 2, "tokenizer": {"vocab_size": 120}},
+        "sizes": {"nano": {"d_model": 24, "n_layers": 2, "n_heads": 6, "n_kv_heads": 2}},
+        "training": {"steps": 4, "batch_size": 2, "lr": 1e-3},
+        "conditions": {"full": {"method": "full"},
+                       "relora": {"method": "relora", "rank": 4, "alpha": 8, "reset_every": 2, "restart_warmup": 0}},
+        "seeds": [0],
+        "evaluation": {"every": 2, "batch_tokens": 256, "perplexity": {"stride": 16}},
+        "analysis": {"every": 2},
+    }
+
+
+@pytest.fixture
+def data_dir(tmp_path, blimp_dir):
+    data = tmp_path / "data"
+    (data / "eval").mkdir(parents=True)
+    (data / "blimp").mkdir()
+    lines = {uid: (blimp_dir / f"{uid}.jsonl").read_text().splitlines()[:6] for uid in BLIMP_UIDS}
+    for uid, rows in lines.items():
+        (data / "blimp" / f"{uid}.jsonl").write_text("\n".join(rows) + "\n")
+    sentences = [s for rows in lines.values() for r in rows for s in (json.loads(r)["sentence_good"],
+                                                                       json.loads(r)["sentence_bad"])]
+    train_tokenizer(sentences).save(str(data / "tokenizer.json"))
+    rng = np.random.default_rng(0)
+    for domain, lengths in {"wiki": [5, 50, 12, 1], "code": [31, 33]}.items():
+        docs = [rng.integers(0, 120, n).tolist() for n in lengths]
+        pq.write_table(pa.table({"doc_id": [f"{domain}-{i}" for i in range(len(docs))],
+                                 "tokens": pa.array(docs, pa.list_(pa.int32())),
+                                 "n_bytes": [3 * max(n - 1, 0) for n in lengths]}), data / "eval" / f"{domain}.parquet")
+    np.save(data / "probe.npy", rng.integers(0, 120, (2, 33)))
+    return data
+
+
+def make_run(tmp_path, condition: str, layout: str = "relora"):
+    config_path = tmp_path / "study.yaml"
+    config_path.write_text(yaml.safe_dump(study_dict()))
+    study = load_study(config_path)
+    run = resolve_run(study, "nano", condition, 0)
+    run_dir = tmp_path / f"runs/size=nano/condition={condition}/seed=0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps(run))
+    config = model_config(study, "nano")
+    for i, step in enumerate(run["steps"]["checkpoint"]):
+        model = make_model(config, seed=i)
+        adapters = relora_adapters(config, 4, seed=i, zero_b=step == 0) if condition == "relora" else None
+        save_checkpoint(run_dir / "checkpoints" / f"step_{step}", model, step, adapters, rank=4, alpha=8.0,
+                        layout=layout)
+    return config_path, run_dir, run
+
+
+@pytest.mark.parametrize("condition", ["full", "relora"])
+def test_evaluate_and_dynamics_write_the_contract_tables(tmp_path, data_dir, condition):
+    config_path, run_dir, run = make_run(tmp_path, condition)
+    args = ["--config", str(config_path), "--data", str(data_dir), "--run", str(run_dir), "--threads", "1"]
+    assert main(["evaluate", *args]) == 0
+    ppl = pq.read_table(run_dir / "perplexity.parquet").to_pylist()
+    assert {"size", "condition", "seed", "step", "domain", "tokens", "bytes", "nll", "ppl", "bpb",
+            "ppl_doc_mean"} <= set(ppl[0])
+    assert {(r["step"], r["domain"]) for r in ppl} == {(s, d) for s in (0, 2, 4) for d in ("wiki", "code")}
+    wiki = next(r for r in ppl if r["domain"] == "wiki")
+    assert wiki["tokens"] == 4 + 49 + 11 and wiki["bytes"] == 3 * 64 and wiki["docs"] == 3
+    assert wiki["ppl"] == pytest.approx(math.exp(wiki["nll"] / wiki["tokens"]))
+    assert wiki["bpb"] == pytest.approx(wiki["nll"] / (math.log(2) * wiki["bytes"]))
+    assert wiki["condition"] == condition and wiki["size"] == "nano" and wiki["seed"] == 0
+    blimp = pq.read_table(run_dir / "blimp.parquet").to_pylist()
+    assert {(r["step"], r["uid"]) for r in blimp} == {(s, u) for s in (0, 2, 4) for u in BLIMP_UIDS}
+    assert all(r["pairs"] == 6 and 0 <= r["accuracy"] <= 1 for r in blimp)
+    assert {r["phenomenon"] for r in blimp} == {"anaphor_agreement", "determiner_noun_agreement"}
+
+    assert main(["dynamics", *args]) == 0
+    dyn = pq.read_table(run_dir / "dynamics.parquet").to_pylist()
+    assert list(dyn[0])[:9] == ["size", "condition", "seed", "step", "layer", "module", "target", "metric", "value"]
+    targets = {r["target"] for r in dyn}
+    assert targets == ({"weight", "gradient", "update", "activation"} | ({"adapter"} if condition == "relora" else set()))
+    final_cka = [r["value"] for r in dyn if r["metric"] == "cka_to_final" and r["step"] == 4]
+    assert final_cka == pytest.approx([1.0, 1.0])
+    update0 = [r["value"] for r in dyn if r["step"] == 0 and r["target"] == "update" and r["metric"] == "numerical_rank"]
+    assert update0 and set(update0) == {0.0}
+
+
+def test_paper_huggingface_checkpoints_go_through_the_same_commands(tmp_path, data_dir):
+    config_path, run_dir, _ = make_run(tmp_path, "relora", layout="huggingface")
+    args = ["--config", str(config_path), "--data", str(data_dir), "--run", str(run_dir)]
+    assert main(["dynamics", *args]) == 0
+    dyn = pq.read_table(run_dir / "dynamics.parquet").to_pylist()
+    ranks = {r["value"] for r in dyn if r["step"] == 2 and r["target"] == "adapter" and r["metric"] == "numerical_rank"}
+    assert ranks == {4.0}  # scale taken from the run's config
+
+
+def test_bad_inputs_are_named(tmp_path, data_dir, capsys):
+    config_path, run_dir, _ = make_run(tmp_path, "full")
+    args = ["--config", str(config_path), "--data", str(data_dir), "--run", str(run_dir)]
+    # missing checkpoint at a requested step
+    import shutil
+
+    shutil.rmtree(run_dir / "checkpoints" / "step_2")
+    assert main(["evaluate", *args]) == 2
+    assert "step_2: no checkpoint at step 2 (found: step_0, step_4)" in capsys.readouterr().err
+    # missing probe
+    (data_dir / "probe.npy").unlink()
+    assert main(["dynamics", *args, "--steps", "0,4"]) == 2
+    assert "probe.npy: probe batch not found" in capsys.readouterr().err
+    # missing evaluation files
+    shutil.rmtree(data_dir / "eval")
+    assert main(["evaluate", *args, "--steps", "0,4"]) == 2
+    assert "eval: no evaluation files" in capsys.readouterr().err
+    # a checkpoint that does not match the run's config
+    other = make_model(model_config(load_study(config_path), "nano"))
+    from relora.model import ModelConfig, PicoDecoder
+
+    wide = ModelConfig(**{**other.config.to_dict(), "d_model": 48, "ffn_hidden": 192})
+    save_checkpoint(run_dir / "checkpoints" / "step_4", PicoDecoder(wide), 4)
+    assert main(["dynamics", *args, "--steps", "0,4", "--set", "analysis.targets=[weight]",
+                 "--set", "analysis.cka=false"]) == 2
+    err = capsys.readouterr().err
+    assert "step_4/config.json: checkpoint does not match the run config: d_model is 48" in err
+    assert not (run_dir / "dynamics.parquet").exists()
+
+
+def test_checkpoint_written_by_the_trainer_loads(tmp_path):
+    checkpoint = pytest.importorskip("relora.checkpoint")
+    from relora.evaluate import load_snapshot
+    from test_evaluate import tiny_config
+
+    config = tiny_config()
+    method = {"name": "relora", "rank": 4, "alpha": 8.0, "scale": 2.0, "dropout": 0.1,
+              "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "w_0", "w_1", "w_2"]}
+    torch.manual_seed(0)
+    model = checkpoint.build_model(config.to_dict(), method)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("B_lora"):
+                p.normal_()
+    checkpoint.save_checkpoint(model, tmp_path / "step_3", config.to_dict(), method, 3)
+    reference, _ = checkpoint.load_checkpoint(tmp_path / "step_3")
+    snap = load_snapshot(tmp_path / "step_3", expected=config, scale=2.0)
+    idx = torch.randint(0, config.vocab_size, (2, 12))
+    torch.testing.assert_close(snap.model()(idx), reference(idx), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(snap.effective_weight(1, "w_0").float(),
+                               reference.layers[1].swiglu.w_0.effective_weight())
