@@ -1,0 +1,124 @@
+import copy
+
+import pytest
+import yaml
+
+from relora.config import ConfigError, load_study, resolve_run, run_config_hash, runs
+
+BASE = {
+    "study": "t",
+    "data": {"seq_len": 16, "tokenizer": {"vocab_size": 100}},
+    "sizes": {"tiny": {"d_model": 24, "n_layers": 2, "n_heads": 6, "n_kv_heads": 2}},
+    "training": {"steps": 30, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 10},
+    "conditions": {"full": {"method": "full"},
+                   "relora": {"method": "relora", "rank": 4, "alpha": 8, "reset_every": 10,
+                              "restart_warmup": 2,
+                              "training": {"lr": 2e-3, "clip": 1.0,
+                                           "schedule": {"name": "jagged_cosine", "warmup": 5}}}},
+    "seeds": [0, 1],
+    "evaluation": {"every": 15},
+    "analysis": {"every": 20},
+}
+
+
+def study(**changes):
+    config = copy.deepcopy(BASE)
+    for dotted, value in changes.items():
+        node = config
+        *parents, last = dotted.split("__")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return config
+
+
+def test_defaults_are_filled_from_the_schema():
+    s = load_study(study())
+    assert s["training"]["betas"] == [0.9, 0.999] and s["training"]["weight_decay"] == 0.01
+    assert s["training"]["schedule"]["name"] == "linear"
+    assert s["conditions"]["relora"]["dropout_mask"] == "per_adapter"
+    assert s["conditions"]["relora"]["optimizer_reset"] == {"mode": "random", "ratio": 0.999}
+    assert s["sizes"]["tiny"]["ffn_hidden"] is None
+    assert s["analysis"]["reference_condition"] == "full"
+
+
+def test_condition_overrides_and_steps():
+    s = load_study(study())
+    full, relora = resolve_run(s, "tiny", "full", 1), resolve_run(s, "tiny", "relora", 1)
+    assert full["training"]["lr"] == 1e-3 and relora["training"]["lr"] == 2e-3
+    assert relora["training"]["clip"] == 1.0 and full["training"]["clip"] is None
+    assert relora["training"]["schedule"] == {"name": "jagged_cosine", "warmup": 5, "horizon": 30,
+                                              "min_ratio": 0.0, "reset_every": 10, "restart_warmup": 2}
+    assert relora["method"]["scale"] == 2.0 and relora["model"]["ffn_hidden"] == 96
+    assert full["steps"]["evaluation"] == [0, 15, 30] and full["steps"]["analysis"] == [0, 20, 30]
+    # checkpoints cover every evaluated and analysed step
+    assert full["steps"]["checkpoint"] == [0, 10, 15, 20, 30]
+    assert relora["steps"]["merge"] == [11, 21] and full["steps"]["merge"] == []
+    assert full["run_seed"] == 1 and len(runs(s)) == 4
+
+
+def test_merge_steps_follow_the_paper_semantics(repo):
+    s = load_study(repo / "workflow/studies/paper.yaml")
+    run = resolve_run(s, "small", "relora", 0)
+    assert run["steps"]["merge"] == list(range(2001, 20000, 2000))
+    assert run["training"]["schedule"]["horizon"] == 200_000 and run["training"]["steps"] == 20_000
+    assert run["run_seed"] == 42
+    warm = load_study(study(conditions__relora__warm_start_steps=12))
+    assert resolve_run(warm, "tiny", "relora", 0)["steps"]["merge"] == [21]
+    plain = load_study(study(conditions__relora__reset_every=None,
+                             conditions__relora__training={"schedule": {"name": "cosine"}}))
+    assert resolve_run(plain, "tiny", "relora", 0)["steps"]["merge"] == []
+
+
+def test_hash_changes_with_the_trajectory_only():
+    s = load_study(study())
+    run = resolve_run(s, "tiny", "relora", 0)
+    again = resolve_run(load_study(study(training__log_every=1)), "tiny", "relora", 0)
+    assert run_config_hash(run) == run_config_hash(again)
+    other = resolve_run(load_study(study(conditions__relora__rank=2)), "tiny", "relora", 0)
+    assert run_config_hash(run) != run_config_hash(other)
+
+
+def test_set_overrides_and_file_loading(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(study()))
+    s = load_study(path, ["training.lr=0.5", "conditions.relora.rank=2"])
+    assert s["training"]["lr"] == 0.5 and s["conditions"]["relora"]["rank"] == 2
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"training__lrr": 1}, r"training: Additional properties are not allowed \('lrr'"),
+    ({"training__lr": "fast"}, r"training.lr: 'fast' is not of type 'number'"),
+    ({"conditions__relora__reset_every": 0}, r"conditions.relora.reset_every: 0 is less than the minimum"),
+    ({"conditions__relora__reset_every": 40}, r"conditions.relora.reset_every: 40 is not shorter than the run"),
+    ({"conditions__relora__rank": 30}, r"conditions.relora.rank: 30 exceeds the smaller dimension 24"),
+    ({"conditions__relora__training": {"schedule": {"name": "jagged_cosine", "warmup": 12}}},
+     r"schedule warmup 12 is longer than the reset period reset_every 10"),
+    ({"conditions__relora__method": "dora"}, r"conditions.relora.method: 'dora' is not one of"),
+    ({"conditions__relora__training": {"lr": -1}}, r"conditions.relora.training: lr: -1 is less than or equal"),
+    ({"sizes__tiny__n_heads": 5}, r"sizes.tiny: d_model 24 is not divisible by n_heads 5"),
+    ({"training__batch_size": 3, "training__grad_accum": 2}, r"batch_size 3 is not divisible by grad_accum 2"),
+])
+def test_bad_configs_name_the_key(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        load_study(study(**changes), source="bad.yaml")
+
+
+def test_unknown_run_and_missing_file(tmp_path):
+    s = load_study(study())
+    with pytest.raises(ConfigError, match="size 'huge' is not in the study"):
+        resolve_run(s, "huge", "full", 0)
+    with pytest.raises(ConfigError, match="condition 'lora' is not in the study"):
+        resolve_run(s, "tiny", "lora", 0)
+    with pytest.raises(ConfigError, match="nope.yaml: study config not found"):
+        load_study(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("study: [unclosed")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_study(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "workflow/studies/paper.yaml"])
+def test_shipped_studies_load(repo, name):
+    s = load_study(repo / name)
+    for size, condition, seed in runs(s):
+        resolve_run(s, size, condition, seed)
