@@ -1,0 +1,140 @@
+"""`relora corpus | tokenizer | tokenize | probe | blimp | manifest`: the data stage (DESIGN 3.1, 4).
+
+Each subcommand takes the study config and explicit paths, so each Snakemake rule is one line:
+
+    relora corpus    --config S --out DATA/corpus
+    relora tokenizer --config S --corpus DATA/corpus --out DATA/tokenizer.json
+    relora tokenize  --config S --corpus DATA/corpus --tokenizer DATA/tokenizer.json --out DATA
+    relora probe     --config S --eval DATA/eval --out DATA/probe.npy
+    relora blimp     --config S --corpus DATA/corpus --tokenizer DATA/tokenizer.json --out DATA/blimp
+    relora manifest  --data DATA [--verify]
+
+Every stage records its files (size, sha256) in DATA/stages/<stage>.json and refreshes
+DATA/manifest.json, the data directory being the parent of each --out (tokenize: --out itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _study(args) -> dict:
+    from relora.config import load_study
+
+    return load_study(args.config, overrides=getattr(args, "set", None))
+
+
+def _threads(args) -> int:
+    return args.threads or len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def corpus(args) -> int:
+    from relora.data.corpus import build_corpus
+
+    started = time.perf_counter()
+    build_corpus(_study(args)["data"], args.out, log=_log)
+    _log(f"corpus: done in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def tokenizer(args) -> int:
+    from relora.data.tokenizer import build_tokenizer
+
+    started = time.perf_counter()
+    build_tokenizer(_study(args)["data"], args.corpus, args.out, threads=_threads(args), log=_log)
+    _log(f"tokenizer: done in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def tokenize(args) -> int:
+    from relora.data.shards import build_shards
+
+    started = time.perf_counter()
+    build_shards(_study(args)["data"], args.corpus, args.tokenizer, args.out,
+                 threads=_threads(args), log=_log)
+    _log(f"tokenize: done in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def probe(args) -> int:
+    from relora.data.shards import build_probe
+
+    build_probe(_study(args)["data"], args.eval, args.out, args.tokenizer, log=_log)
+    return 0
+
+
+def blimp(args) -> int:
+    from relora.data.blimp import build_blimp
+
+    started = time.perf_counter()
+    build_blimp(_study(args), args.out, corpus_dir=args.corpus, log=_log)
+    _log(f"blimp: done in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def manifest(args) -> int:
+    from relora.data.manifest import verify_manifest, write_manifest
+
+    if args.verify:
+        found = verify_manifest(args.data)
+        _log(f"manifest: {len(found['files'])} files match {args.data}/manifest.json")
+    else:
+        found = write_manifest(args.data)
+        _log(f"manifest: {len(found['files'])} files -> {args.data}/manifest.json")
+    return 0
+
+
+def register(subparsers) -> None:
+    def add(name, handler, help_text):
+        p = subparsers.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(handler=handler)
+        return p
+
+    def common(p, threads=False):
+        p.add_argument("--config", required=True, help="study config (YAML)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config key (dotted path, YAML value); repeatable")
+        if threads:
+            p.add_argument("--threads", type=int, default=None,
+                           help="encoding threads (default: every core available)")
+
+    p = add("corpus", corpus, "documents per domain, cleaned, deduplicated, split train/held-out")
+    common(p)
+    p.add_argument("--out", required=True, help="corpus folder to write (DATA/corpus)")
+
+    p = add("tokenizer", tokenizer, "train or fetch the tokenizer and check its size")
+    common(p, threads=True)
+    p.add_argument("--corpus", required=True, help="corpus folder (from `relora corpus`)")
+    p.add_argument("--out", required=True, help="tokenizer.json to write (DATA/tokenizer.json)")
+
+    p = add("tokenize", tokenize, "train.npy and eval/<domain>.parquet")
+    common(p, threads=True)
+    p.add_argument("--corpus", required=True, help="corpus folder (from `relora corpus`)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json")
+    p.add_argument("--out", required=True, help="data folder to write train.npy and eval/ into")
+
+    p = add("probe", probe, "the fixed probe batch of held-out windows (probe.npy)")
+    common(p)
+    p.add_argument("--eval", required=True, help="folder of eval/<domain>.parquet")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: beside --eval)")
+    p.add_argument("--out", required=True, help="probe.npy to write")
+
+    p = add("blimp", blimp, "BLiMP minimal pairs (local folder, Hugging Face or generated)")
+    common(p)
+    p.add_argument("--corpus", default=None,
+                   help="corpus folder; the generator keeps words frequent in its training split")
+    p.add_argument("--tokenizer", default=None, help="accepted for the workflow; unused")
+    p.add_argument("--out", required=True, help="folder to write <UID>.jsonl into (DATA/blimp)")
+
+    p = add("manifest", manifest, "merge the stage records into manifest.json, or --verify it")
+    p.add_argument("--data", required=True, help="data folder")
+    p.add_argument("--verify", action="store_true",
+                   help="check the size and sha256 of every file listed instead of writing")
+    return None
