@@ -1,0 +1,106 @@
+"""The Snakemake workflow without running a job: every study dry-runs with the DAG the resolver
+implies, `--lint` is clean, a `--configfile` replaces config.yaml, bad configs fail early."""
+
+import copy
+import shutil
+
+import pytest
+
+from relora.config import load_study, resolve_run, runs
+from workflow_helpers import (REPO, STUDIES, job_counts, load_yaml, output_of, planned_runs,
+                              snakemake, write_study)
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """A working folder holding a copy of the default study, as a fresh clone's root does."""
+    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
+    return tmp_path
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
+def test_every_study_is_valid(path):
+    study = load_study(path)
+    for size, condition, seed in runs(study):
+        resolve_run(study, size, condition, seed)
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
+def test_every_study_dry_runs(workdir, path):
+    result = snakemake(workdir, "--dry-run", "--configfile", str(path))
+    assert result.returncode == 0, output_of(result)
+    study = load_study(path)
+    n_runs = len(runs(study))
+    counts = job_counts(result)
+    for rule in ("train", "evaluate", "dynamics"):
+        assert counts[rule] == n_runs, (rule, counts)
+    for rule in ("corpus", "tokenizer", "tokenize", "probe", "blimp", "manifest", "aggregate",
+                 "figures", "report"):
+        assert counts[rule] == 1, (rule, counts)
+    assert planned_runs(result) == {f"size={s}/condition={c}/seed={n}" for s, c, n in runs(study)}
+
+
+def test_default_study_is_config_yaml(workdir):
+    result = snakemake(workdir, "--dry-run")
+    assert result.returncode == 0, output_of(result)
+    study = load_study(REPO / "config.yaml")
+    assert planned_runs(result) == {f"size={s}/condition={c}/seed={n}" for s, c, n in runs(study)}
+    assert f"results/{study['study']}/report.html" in output_of(result)
+
+
+def test_configfile_replaces_config_yaml(workdir, tmp_path_factory):
+    """DESIGN 3.3: nothing of config.yaml (its sizes, conditions, seeds) leaks into a study
+    given with --configfile, although Snakemake itself would merge the two."""
+    default = load_yaml(REPO / "config.yaml")
+    other = copy.deepcopy(default)
+    other["study"] = "other"
+    other["sizes"] = {"mini": {"d_model": 24, "n_layers": 2, "n_heads": 6, "n_kv_heads": 2}}
+    other["conditions"] = {"full": {"method": "full"}}
+    other["seeds"] = [3]
+    path = write_study(tmp_path_factory.mktemp("studies") / "other.yaml", other)
+    result = snakemake(workdir, "--dry-run", "--configfile", str(path))
+    assert result.returncode == 0, output_of(result)
+    assert planned_runs(result) == {"size=mini/condition=full/seed=3"}
+    assert "results/default" not in output_of(result)
+    # what the jobs read is the replacing study alone
+    written = load_yaml(workdir / "results/other/study.yaml")
+    assert set(written["sizes"]) == {"mini"} and set(written["conditions"]) == {"full"}
+    assert written["seeds"] == [3]
+
+
+def test_config_overrides_still_apply(workdir):
+    """--config (without --configfile) still edits the default study, key by key."""
+    result = snakemake(workdir, "--dry-run", "--config", "study=renamed")
+    assert result.returncode == 0, output_of(result)
+    study = load_study(REPO / "config.yaml")
+    assert len(planned_runs(result)) == len(runs(study))
+    assert "results/renamed/report.html" in output_of(result)
+    assert load_yaml(workdir / "results/renamed/study.yaml")["sizes"] == study["sizes"]
+
+
+def test_invalid_study_fails_before_any_job_naming_the_key(workdir, tmp_path_factory):
+    bad = load_yaml(REPO / "config.yaml")
+    bad["training"]["lr"] = -1
+    path = write_study(tmp_path_factory.mktemp("studies") / "bad.yaml", bad)
+    result = snakemake(workdir, "--cores", "1", "--configfile", str(path))
+    assert result.returncode != 0
+    assert "training.lr" in output_of(result)
+    assert not (workdir / "results").exists()
+
+
+def test_lint_is_clean(workdir):
+    result = snakemake(workdir, "--lint")
+    assert result.returncode == 0, output_of(result)
+    assert "Lints for" not in output_of(result), output_of(result)
+
+
+def test_train_resources_follow_the_study(workdir):
+    """Threads reach torch; train jobs ask for a GPU unless the study trains on CPU."""
+    result = snakemake(workdir, "--dry-run", "--cores", "8", "--printshellcmds",
+                       "--configfile", str(REPO / "workflow/studies/paper.yaml"))
+    assert result.returncode == 0, output_of(result)
+    text = output_of(result)
+    train_blocks = [b for b in text.split("\n\n") if "rule train:" in b]
+    assert train_blocks and all("gpu=1" in b and "--threads 2" in b for b in train_blocks)
+    default = snakemake(workdir, "--dry-run")
+    assert all("gpu=0" in b for b in output_of(default).split("\n\n") if "rule train:" in b)

@@ -1,0 +1,30 @@
+# Learning dynamics of every analysis-step checkpoint of a run: spectra (numerical rank,
+# effective rank, PER, condition number) of weights, probe gradients, updates and adapters, and
+# CKA of each block's output to the final step.
+
+
+rule dynamics:
+    input:
+        run=f"{RUN}/run.json",
+        checkpoints=f"{RUN}/checkpoints",
+        probe=f"{DATA}/probe.npy",
+    output:
+        dynamics=f"{RUN}/dynamics.parquet",
+    log:
+        f"{LOGS}/dynamics/{RUN_KEY}.log",
+    benchmark:
+        f"{BENCHMARKS}/dynamics/{RUN_KEY}.tsv"
+    params:
+        study=STUDY_FILE,
+        data=input_dir("probe"),
+        run_dir=input_dir("run"),
+        dynamics_hash=get_dynamics_hash,
+    threads: threads_for("dynamics")
+    resources:
+        mem_mb=mem_mb_for("dynamics"),
+        runtime=runtime_for("dynamics"),
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "python -m relora dynamics --config {params.study} --data {params.data}"
+        " --run {params.run_dir} --threads {threads} > {log} 2>&1"

@@ -1,0 +1,217 @@
+# Everything that is not a rule: the study (validated and resolved by relora.config), paths,
+# wildcard constraints, and the input, params and resources functions of the rules.
+import copy
+import hashlib
+import json
+import math
+import os
+import re
+import shlex
+import sys
+
+import yaml
+from snakemake.exceptions import WorkflowError
+
+# the relora package beside this Snakefile: the resolver below and the `python -m relora` of
+# every job, also inside --software-deployment-method conda environments (which hold the
+# package's dependencies, not the package itself)
+sys.path.insert(0, workflow.basedir)
+RELORA_SOURCE = shlex.quote(workflow.basedir)
+shell.prefix("export PYTHONPATH={RELORA_SOURCE}${{PYTHONPATH:+:$PYTHONPATH}}; ")
+
+from relora.config import ConfigError, load_study, resolve_run, run_config_hash, runs
+from relora.model import ModelConfig, model_flops_per_token
+
+
+# --- the study -------------------------------------------------------------------------------
+
+# DESIGN 3.3: a study given with --configfile REPLACES config.yaml. Snakemake deep-merges it into
+# the `configfile:` of the Snakefile (so config.yaml's sizes and conditions would leak into every
+# other study); keep only what the command line gave (its config files, then any --config).
+if workflow.overwrite_configfiles:
+    config.clear()
+    config.update(copy.deepcopy(dict(workflow.config_settings.overwrite_config)))
+    CONFIG_SOURCE = str(workflow.overwrite_configfiles[-1])
+else:
+    CONFIG_SOURCE = "config.yaml"
+if workflow.config_settings.config:
+    CONFIG_SOURCE += " with --config"
+
+try:
+    STUDY = load_study(config, source=CONFIG_SOURCE)
+except ConfigError as e:
+    raise WorkflowError(str(e)) from None
+
+RESULTS = f"results/{STUDY['study']}"
+DATA = f"{RESULTS}/data"
+RUN = f"{RESULTS}/runs/size={{size}}/condition={{condition}}/seed={{seed}}"
+RESUME = f"{RESULTS}/resume/size={{size}}/condition={{condition}}/seed={{seed}}"
+RUN_KEY = "size={size}/condition={condition}/seed={seed}"
+LOGS = f"{RESULTS}/logs"
+BENCHMARKS = f"{RESULTS}/benchmarks"
+# the validated study with every default filled in: what each job reads with --config. It is
+# written here (only when it changes) rather than by a rule, so that editing one condition
+# re-runs only that condition's jobs: each rule's params carry a hash of exactly what it depends on.
+STUDY_FILE = f"{RESULTS}/study.yaml"
+
+
+def write_study_file(study, path):
+    text = yaml.safe_dump(study, sort_keys=False)
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() == text:
+                return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+write_study_file(STUDY, STUDY_FILE)
+
+
+wildcard_constraints:
+    size="|".join(re.escape(s) for s in STUDY["sizes"]),
+    condition="|".join(re.escape(c) for c in STUDY["conditions"]),
+    seed="|".join(str(n) for n in STUDY["seeds"]),
+
+
+# --- runs and hashes -------------------------------------------------------------------------
+
+
+def get_run(wildcards):
+    """The resolved run config of a job's (size, condition, seed)."""
+    return resolve_run(STUDY, wildcards.size, wildcards.condition, int(wildcards.seed))
+
+
+def config_hash(*parts):
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def get_data_hash(wildcards):
+    """What the data stage depends on: the data section (where downloads are cached aside)."""
+    return config_hash({k: v for k, v in STUDY["data"].items() if k != "cache_dir"})
+
+
+def blimp_settings():
+    """evaluation.blimp less `reference`, which only draws lines in figures."""
+    blimp = STUDY["evaluation"].get("blimp", {})
+    return {k: v for k, v in blimp.items() if k != "reference"}
+
+
+def get_blimp_hash(wildcards):
+    return config_hash(get_data_hash(wildcards), blimp_settings())
+
+
+def get_blimp_source(wildcards):
+    """A local folder of BLiMP <UID>.jsonl files is an input (so edits re-run the stage);
+    `generated` and Hugging Face sources are not files."""
+    source = blimp_settings().get("source", "generated")
+    if source == "generated" or source.startswith("hf:") or source == "nyu-mll/blimp":
+        return {}
+    return {"source": source}
+
+
+def get_run_hash(wildcards):
+    """What a training run depends on (the resolver's hash, also tagging its resume state)."""
+    return run_config_hash(get_run(wildcards))
+
+
+def get_evaluation_hash(wildcards):
+    evaluation = {k: v for k, v in STUDY["evaluation"].items() if k != "blimp"}
+    return config_hash(get_run_hash(wildcards), evaluation, blimp_settings())
+
+
+def get_dynamics_hash(wildcards):
+    analysis = {k: v for k, v in STUDY["analysis"].items() if k != "reference_condition"}
+    return config_hash(get_run_hash(wildcards), analysis)
+
+
+def get_results_hash(wildcards):
+    """Aggregation, figures and report read the whole study, except how it is scheduled."""
+    return config_hash({k: v for k, v in STUDY.items() if k != "workflow"})
+
+
+# --- inputs ----------------------------------------------------------------------------------
+
+
+def run_dirs():
+    return [
+        f"{RESULTS}/runs/size={s}/condition={c}/seed={n}" for s, c, n in runs(STUDY)
+    ]
+
+
+def get_run_outputs(wildcards):
+    """Every table of every run of the study, by table."""
+    tables = ["run.json", "train_metrics.parquet", "perplexity.parquet", "blimp.parquet",
+              "dynamics.parquet"]
+    return {table.split(".")[0]: [f"{d}/{table}" for d in run_dirs()] for table in tables}
+
+
+def input_dir(key):
+    """A params function: the folder of the named input (a data or run directory), derived
+    from the input so that it also holds where jobs see other paths than the scheduler."""
+    return lambda wildcards, input: os.path.dirname(input[key])
+
+
+def output_dir(key):
+    return lambda wildcards, output: os.path.dirname(output[key])
+
+
+def get_final_output():
+    return [f"{RESULTS}/study.duckdb", f"{RESULTS}/figures", f"{RESULTS}/report.html"]
+
+
+# --- threads and resources -------------------------------------------------------------------
+
+SCHEDULE = STUDY["workflow"]
+
+
+def threads_for(stage):
+    return SCHEDULE["threads"][stage]
+
+
+def mem_mb_for(stage):
+    return SCHEDULE["mem_mb"][stage]
+
+
+def runtime_for(stage):
+    return SCHEDULE["runtime"][stage]
+
+
+def get_train_gpus(wildcards):
+    if SCHEDULE["train_gpus"] is not None:
+        return SCHEDULE["train_gpus"]
+    return 0 if get_run(wildcards)["training"]["device"] == "cpu" else 1
+
+
+def get_train_mem_mb(wildcards):
+    """Memory of a train job: weights, gradients and two Adam moments (16 bytes a parameter),
+    fp32 activations of one micro-batch (about 70 d + 10 heads T bytes per token and layer,
+    after Korthikanti et al. 2022) and the logits with their gradient, times 1.5, plus 2 GB."""
+    if SCHEDULE["mem_mb"]["train"] is not None:
+        return SCHEDULE["mem_mb"]["train"]
+    run = get_run(wildcards)
+    m, t = run["model"], run["training"]
+    seq, vocab, d, layers = run["data"]["seq_len"], m["vocab_size"], m["d_model"], m["n_layers"]
+    kv = m["n_kv_heads"] * d // m["n_heads"]
+    params = 2 * vocab * d + layers * (2 * d * d + 2 * d * kv + 3 * d * m["ffn_hidden"])
+    tokens = t["batch_size"] // t["grad_accum"] * seq
+    activations = tokens * layers * (70 * d + 10 * m["n_heads"] * seq)
+    logits = 3 * 4 * tokens * vocab
+    total = 1.5 * (16 * params + activations + logits) / 1e6 + 2000
+    return int(math.ceil(total / 1000) * 1000)
+
+
+def get_train_runtime(wildcards):
+    """Minutes for a train job: its model FLOPs (DESIGN 5) at the configured FLOP/s, doubled,
+    plus 10 minutes for start-up, checkpoints and a resume."""
+    if SCHEDULE["runtime"]["train"] is not None:
+        return SCHEDULE["runtime"]["train"]
+    run = get_run(wildcards)
+    t, seq = run["training"], run["data"]["seq_len"]
+    flops = model_flops_per_token(ModelConfig(**run["model"]), seq) * t["steps"] * t["batch_size"] * seq
+    device = "cuda" if get_train_gpus(wildcards) else "cpu"
+    return int(math.ceil(2 * flops / SCHEDULE["flops_per_second"][device] / 60)) + 10

@@ -1,0 +1,129 @@
+# Data (DESIGN 3.1, 4): corpus -> tokenizer -> token shards and held-out domains, probe batch,
+# BLiMP pairs, all under results/<study>/data/.
+
+
+localrules:
+    corpus,
+
+
+rule corpus:
+    # downloads (or reads local files): a localrule, for clusters whose compute nodes are offline
+    output:
+        corpus=directory(f"{DATA}/corpus"),
+    log:
+        f"{LOGS}/data/corpus.log",
+    params:
+        study=STUDY_FILE,
+        data_hash=get_data_hash,
+    conda:
+        "../../envs/data.yaml"
+    shell:
+        "python -m relora corpus --config {params.study} --out {output.corpus} > {log} 2>&1"
+
+
+rule tokenizer:
+    input:
+        corpus=f"{DATA}/corpus",
+    output:
+        tokenizer=f"{DATA}/tokenizer.json",
+    log:
+        f"{LOGS}/data/tokenizer.log",
+    params:
+        study=STUDY_FILE,
+        data_hash=get_data_hash,
+    threads: threads_for("data")
+    resources:
+        mem_mb=mem_mb_for("data"),
+        runtime=runtime_for("data"),
+    conda:
+        "../../envs/data.yaml"
+    shell:
+        "python -m relora tokenizer --config {params.study} --corpus {input.corpus}"
+        " --out {output.tokenizer} > {log} 2>&1"
+
+
+rule tokenize:
+    input:
+        corpus=f"{DATA}/corpus",
+        tokenizer=f"{DATA}/tokenizer.json",
+    output:
+        train=f"{DATA}/train.npy",
+        eval=directory(f"{DATA}/eval"),
+    log:
+        f"{LOGS}/data/tokenize.log",
+    params:
+        study=STUDY_FILE,
+        data=output_dir("train"),
+        data_hash=get_data_hash,
+    threads: threads_for("data")
+    resources:
+        mem_mb=mem_mb_for("data"),
+        runtime=runtime_for("data"),
+    conda:
+        "../../envs/data.yaml"
+    shell:
+        "python -m relora tokenize --config {params.study} --corpus {input.corpus}"
+        " --tokenizer {input.tokenizer} --out {params.data} > {log} 2>&1"
+
+
+rule probe:
+    input:
+        eval=f"{DATA}/eval",
+        tokenizer=f"{DATA}/tokenizer.json",
+    output:
+        probe=f"{DATA}/probe.npy",
+    log:
+        f"{LOGS}/data/probe.log",
+    params:
+        study=STUDY_FILE,
+        data_hash=get_data_hash,
+    resources:
+        mem_mb=mem_mb_for("data"),
+        runtime=runtime_for("data"),
+    conda:
+        "../../envs/data.yaml"
+    shell:
+        "python -m relora probe --config {params.study} --eval {input.eval}"
+        " --tokenizer {input.tokenizer} --out {output.probe} > {log} 2>&1"
+
+
+rule blimp:
+    input:
+        unpack(get_blimp_source),
+        corpus=f"{DATA}/corpus",
+        tokenizer=f"{DATA}/tokenizer.json",
+    output:
+        blimp=directory(f"{DATA}/blimp"),
+    log:
+        f"{LOGS}/data/blimp.log",
+    params:
+        study=STUDY_FILE,
+        blimp_hash=get_blimp_hash,
+    resources:
+        mem_mb=mem_mb_for("data"),
+        runtime=runtime_for("data"),
+    conda:
+        "../../envs/data.yaml"
+    shell:
+        "python -m relora blimp --config {params.study} --corpus {input.corpus}"
+        " --tokenizer {input.tokenizer} --out {output.blimp} > {log} 2>&1"
+
+
+rule manifest:
+    # sources, versions, sha256 and size of every data file, merged from each stage's record
+    input:
+        tokenizer=f"{DATA}/tokenizer.json",
+        train=f"{DATA}/train.npy",
+        eval=f"{DATA}/eval",
+        probe=f"{DATA}/probe.npy",
+        blimp=f"{DATA}/blimp",
+    output:
+        manifest=f"{DATA}/manifest.json",
+    log:
+        f"{LOGS}/data/manifest.log",
+    params:
+        data=input_dir("train"),
+    conda:
+        "../../envs/data.yaml"
+    shell:
+        "python -m relora manifest --data {params.data} > {log} 2>&1"

@@ -1,0 +1,76 @@
+# Results: every run's tables -> one DuckDB database -> Altair figures -> one HTML report.
+
+
+rule aggregate:
+    input:
+        unpack(get_run_outputs),
+    output:
+        db=f"{RESULTS}/study.duckdb",
+    log:
+        f"{LOGS}/results/aggregate.log",
+    params:
+        study=STUDY_FILE,
+        results=output_dir("db"),
+        results_hash=get_results_hash,
+    threads: threads_for("results")
+    resources:
+        mem_mb=mem_mb_for("results"),
+        runtime=runtime_for("results"),
+    conda:
+        "../../envs/results.yaml"
+    shell:
+        "python -m relora aggregate --config {params.study} --results {params.results}"
+        " --out {output.db} > {log} 2>&1"
+
+
+rule figures:
+    input:
+        db=f"{RESULTS}/study.duckdb",
+    output:
+        figures=report(
+            directory(f"{RESULTS}/figures"),
+            patterns=["{name}.png"],
+            caption="../report/figures.rst",
+            category="Figures",
+        ),
+    log:
+        f"{LOGS}/results/figures.log",
+    params:
+        study=STUDY_FILE,
+        results_hash=get_results_hash,
+    threads: threads_for("results")
+    resources:
+        mem_mb=mem_mb_for("results"),
+        runtime=runtime_for("results"),
+    conda:
+        "../../envs/results.yaml"
+    shell:
+        "python -m relora figures --config {params.study} --db {input.db}"
+        " --out {output.figures} > {log} 2>&1"
+
+
+rule report:
+    input:
+        db=f"{RESULTS}/study.duckdb",
+        figures=f"{RESULTS}/figures",
+        manifest=f"{DATA}/manifest.json",
+    output:
+        report=report(
+            f"{RESULTS}/report.html",
+            caption="../report/report.rst",
+            category="Report",
+        ),
+    log:
+        f"{LOGS}/results/report.log",
+    params:
+        study=STUDY_FILE,
+        results_hash=get_results_hash,
+    threads: threads_for("results")
+    resources:
+        mem_mb=mem_mb_for("results"),
+        runtime=runtime_for("results"),
+    conda:
+        "../../envs/results.yaml"
+    shell:
+        "python -m relora report --config {params.study} --db {input.db}"
+        " --figures {input.figures} --manifest {input.manifest} --out {output.report} > {log} 2>&1"

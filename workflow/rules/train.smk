@@ -1,0 +1,35 @@
+# Pretraining: one job per (size, condition, seed). Its resumable state lives in RESUME, which is
+# not a declared output (Snakemake deletes the outputs of a job before re-running it), so a
+# preempted or timed-out job that is retried or requeued continues where it stopped.
+
+
+rule train:
+    input:
+        train=f"{DATA}/train.npy",
+        tokenizer=f"{DATA}/tokenizer.json",
+    output:
+        run=f"{RUN}/run.json",
+        metrics=f"{RUN}/train_metrics.parquet",
+        checkpoints=directory(f"{RUN}/checkpoints"),
+    log:
+        f"{LOGS}/train/{RUN_KEY}.log",
+    benchmark:
+        f"{BENCHMARKS}/train/{RUN_KEY}.tsv"
+    params:
+        study=STUDY_FILE,
+        data=input_dir("train"),
+        run_dir=output_dir("run"),
+        resume_dir=RESUME,
+        run_hash=get_run_hash,
+    threads: threads_for("train")
+    resources:
+        mem_mb=get_train_mem_mb,
+        runtime=get_train_runtime,
+        gpu=get_train_gpus,
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "python -m relora train --config {params.study} --size {wildcards.size}"
+        " --condition {wildcards.condition} --seed {wildcards.seed} --data {params.data}"
+        " --out {params.run_dir} --resume-dir {params.resume_dir} --threads {threads}"
+        " > {log} 2>&1"
