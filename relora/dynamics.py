@@ -64,6 +64,24 @@ def batched_singular_values(matrices: list[torch.Tensor], device=None) -> list[t
     return out
 
 
+def batched_spectral_norms(matrices: list[torch.Tensor], device=None) -> list[float]:
+    """Largest singular value of each matrix in float64, from the top eigenvalue of its small
+    Gram matrix (one eigvalsh call per shape; the top eigenvalue is accurate to float64 relative
+    precision, and it costs about half an svdvals). Used where only s is needed."""
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, M in enumerate(matrices):
+        m, n = M.shape
+        groups[(max(m, n), min(m, n))].append(i)
+    out = [0.0] * len(matrices)
+    for indices in groups.values():
+        stack = torch.stack([matrices[i].T if matrices[i].shape[0] < matrices[i].shape[1] else matrices[i]
+                             for i in indices]).to(device=device, dtype=torch.float64)  # (N, max, min)
+        top = torch.linalg.eigvalsh(stack.mT @ stack)[:, -1].clamp(min=0).sqrt().cpu()  # (N,)
+        for j, i in enumerate(indices):
+            out[i] = float(top[j])
+    return out
+
+
 def spectrum_metrics(sigma: torch.Tensor, tol: torch.Tensor) -> dict[str, torch.Tensor]:
     """The rank metrics of DESIGN 1.2 from singular values sigma (..., k) and tolerances (...)."""
     sigma = sigma.double()
@@ -119,13 +137,12 @@ def spectra_rows(targets: list[Target], extra: dict | None = None, device=None) 
     """Rows (layer, module, target, metric, value) for every target, via batched SVD.
 
     `extra`: {key: float64 matrix} of stored matrices that only supply an s (e.g. the frozen W
-    of a ReLoRA linear); their singular values are computed in the same batched calls.
+    of a ReLoRA linear); only their spectral norms are computed, batched as well.
     """
     extra = extra or {}
-    extra_keys = list(extra)
-    sigmas = batched_singular_values([t.matrix for t in targets] + [extra[k] for k in extra_keys], device)
+    sigmas = batched_singular_values([t.matrix for t in targets], device)
     sigma_max = {(t.layer, t.module, t.target): float(s[0]) for t, s in zip(targets, sigmas)}
-    sigma_max.update({k: float(s[0]) for k, s in zip(extra_keys, sigmas[len(targets):])})
+    sigma_max.update(zip(extra, batched_spectral_norms(list(extra.values()), device)))
     by_k: dict[int, list[int]] = defaultdict(list)
     tols = []
     for i, t in enumerate(targets):

@@ -287,11 +287,26 @@ def score_sequences(model: PicoDecoder, sequences: list, first_scored: list[int]
             tokens[r, :len(seq)] = seq
             scored[r, max(first_scored[i], 1) - 1:len(seq) - 1] = True
         tokens, scored = tokens.to(device), scored.to(device)
-        logits = model(tokens[:, :-1])  # (B, T-1, V) fp32
-        token_nll = F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")  # (B, T-1)
-        sums = (token_nll.double() * scored).sum(1).cpu().numpy()
-        nll[rows] = sums
+        hidden = final_hidden(model, tokens[:, :-1])  # (B, T-1, C)
+        row, pos = scored.nonzero(as_tuple=True)  # (N,), (N,)
+        # the LM head (most of a small model's FLOPs) only where a prediction is scored:
+        # padding and the context part of sliding windows cost no logits
+        logits = model.de_embedding_proj(model.output_norm(hidden[row, pos])).float()  # (N, V)
+        token_nll = F.cross_entropy(logits, tokens[row, pos + 1], reduction="none")  # (N,)
+        sums = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(0, row, token_nll.double())
+        nll[rows] = sums.cpu().numpy()
     return nll
+
+
+def final_hidden(model: PicoDecoder, idx: torch.Tensor) -> torch.Tensor:
+    """The residual stream after the last block, (B, T, C): PicoDecoder.forward without the
+    output norm and LM head, which the caller applies to the positions it scores."""
+    T = idx.shape[1]
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    x = model.embedding_proj(idx)  # (B, T, C)
+    for block in model.layers:
+        x = block(x, cos, sin)
+    return x
 
 
 def sliding_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:

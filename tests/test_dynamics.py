@@ -201,3 +201,13 @@ def test_analyse_checkpoints_rows(tmp_path):
     cka_final = [r["value"] for r in rows if r["metric"] == "cka_to_final" and r["step"] == 4]
     assert cka_final == pytest.approx([1.0] * config.n_layers)
     assert {r["target"] for r in rows} == set(TARGETS) | {"activation"}
+
+
+def test_spectral_norms_from_the_gram_matrix_match_svd():
+    from relora.dynamics import batched_spectral_norms
+
+    torch.manual_seed(4)
+    matrices = [torch.randn(24, 96, dtype=torch.float64), torch.randn(96, 24, dtype=torch.float64),
+                torch.zeros(8, 24, dtype=torch.float64), torch.randn(8, 24, dtype=torch.float64) * 1e-3]
+    for M, s in zip(matrices, batched_spectral_norms(matrices)):
+        assert s == pytest.approx(float(torch.linalg.svdvals(M)[0]), rel=1e-12, abs=1e-300)
