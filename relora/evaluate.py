@@ -412,7 +412,8 @@ def score_sentence_naive(model: PicoDecoder, tokens, eos_id: int) -> float:
 
 
 def read_blimp(blimp_dir) -> list[dict]:
-    """Every pair of blimp/<UID>.jsonl: sentence_good, sentence_bad, UID, linguistics_term, field."""
+    """Every pair of blimp/<UID>.jsonl: sentence_good, sentence_bad, UID, linguistics_term, field
+    (and the `source` the data stage records)."""
     blimp_dir = Path(blimp_dir)
     files = sorted(blimp_dir.glob("*.jsonl")) if blimp_dir.is_dir() else []
     if not files:
@@ -432,13 +433,13 @@ def read_blimp(blimp_dir) -> list[dict]:
                     raise ValueError(f"{file}:{number}: missing {', '.join(sorted(missing))}")
                 pairs.append({"uid": row.get("UID", file.stem), "phenomenon": row.get("linguistics_term", ""),
                               "field": row.get("field", ""), "good": row["sentence_good"],
-                              "bad": row["sentence_bad"]})
+                              "bad": row["sentence_bad"], "source": row.get("source")})
     return pairs
 
 
 def blimp_scores(model: PicoDecoder, pairs: list[dict], encode, eos_id: int, batch_tokens: int = 4096,
                  device=None) -> list[dict]:
-    """Per-paradigm accuracy rows (uid, phenomenon, field, pairs, correct, accuracy).
+    """Per-paradigm accuracy rows (uid, phenomenon, field, pairs, correct, accuracy, source).
 
     `encode` maps a sentence to token ids. Good and bad sentences are scored together in
     length buckets; a pair is correct when log p(good) > log p(bad) (a tie counts as wrong).
@@ -449,7 +450,8 @@ def blimp_scores(model: PicoDecoder, pairs: list[dict], encode, eos_id: int, bat
     rows: dict[str, dict] = {}
     for pair, lp_good, lp_bad in zip(pairs, good, bad):
         row = rows.setdefault(pair["uid"], {"uid": pair["uid"], "phenomenon": pair["phenomenon"],
-                                            "field": pair["field"], "pairs": 0, "correct": 0})
+                                            "field": pair["field"], "pairs": 0, "correct": 0,
+                                            "source": pair.get("source")})
         row["pairs"] += 1
         row["correct"] += int(lp_good > lp_bad)
     for row in rows.values():

@@ -159,3 +159,33 @@ def test_checkpoint_written_by_the_trainer_loads(tmp_path):
     torch.testing.assert_close(snap.model()(idx), reference(idx), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(snap.effective_weight(1, "w_0").float(),
                                reference.layers[1].swiglu.w_0.effective_weight())
+
+
+@pytest.mark.parametrize("condition", ["relora", "warm"])
+def test_commands_on_a_run_trained_by_relora_train(tmp_path, data_dir, condition):
+    train_module = pytest.importorskip("relora.train")
+    study = study_dict()
+    study["conditions"]["warm"] = {"method": "relora", "rank": 4, "alpha": 8, "reset_every": 2,
+                                   "restart_warmup": 0, "warm_start_steps": 3}
+    config_path = tmp_path / "study.yaml"
+    config_path.write_text(yaml.safe_dump(study))
+    run = resolve_run(load_study(config_path), "nano", condition, 0)
+    np.save(data_dir / "train.npy", np.random.default_rng(1).integers(0, 120, 3000).astype(np.uint16))
+    run_dir = tmp_path / "runs" / condition
+    train_module.train(run, data_dir, run_dir, tmp_path / "resume", threads=1)
+    args = ["--config", str(config_path), "--data", str(data_dir), "--run", str(run_dir), "--threads", "1"]
+    assert main(["evaluate", *args]) == 0 and main(["dynamics", *args]) == 0
+    ppl = pq.read_table(run_dir / "perplexity.parquet").to_pylist()
+    assert all(math.isfinite(r["ppl"]) and r["ppl"] > 1 for r in ppl)
+    dyn = pq.read_table(run_dir / "dynamics.parquet").to_pylist()
+    adapter_steps = {r["step"] for r in dyn if r["target"] == "adapter"}
+    # adapters exist from the wrap on (step 3 for the warm start, so not at steps 0 and 2)
+    assert adapter_steps == ({4} if condition == "warm" else {0, 2, 4})
+    ranks = [r["value"] for r in dyn if r["target"] == "weight" and r["metric"] == "numerical_rank"]
+    assert min(ranks) > 0
+    # merges after updates 1 and 3: the step-4 adapter holds one update (B != 0), the step-0 one is zero
+    adapter_rank = {s: {r["value"] for r in dyn if r["step"] == s and r["target"] == "adapter"
+                        and r["metric"] == "numerical_rank"} for s in adapter_steps}
+    assert max(adapter_rank[4]) > 0
+    if condition == "relora":
+        assert adapter_rank[0] == {0.0}

@@ -124,7 +124,7 @@ def run_evaluate(args) -> int:
                              "bytes": score.bytes, "nll": score.nll, "ppl": score.ppl, "bpb": score.bpb,
                              "ppl_doc_mean": score.ppl_doc_mean, "seconds": time.perf_counter() - t0})
         for row in blimp_scores(model, pairs, encode, eos_id, batch_tokens, device):
-            blimp_rows.append({**keys, "step": step, **row, "source": source})
+            blimp_rows.append({**keys, "step": step, **row, "source": row["source"] or source})
         tick(step)
     out = args.out_dir or args.run
     write_parquet_atomic(ppl_rows, out / "perplexity.parquet", PERPLEXITY_COLUMNS)
