@@ -209,7 +209,10 @@ def probe_gradients_and_activations(model: PicoDecoder, probe: torch.Tensor, mic
     micro_batch = micro_batch or probe.shape[0]
     for start in range(0, probe.shape[0], micro_batch):
         chunk = probe[start:start + micro_batch].to(device)
-        logits, hidden = model(chunk[:, :-1], return_hidden=want_activations)  # (b, T, V), [(b, T, C)]
+        if want_activations:
+            logits, hidden = model(chunk[:, :-1], return_hidden=True)  # (b, T, V), n_layers x (b, T, C)
+        else:
+            logits, hidden = model(chunk[:, :-1]), []
         loss = F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum") / total
         for key, g in zip(weights, torch.autograd.grad(loss, list(weights.values()))):
             grads[key] += g

@@ -183,6 +183,9 @@ def test_probe_gradient_equals_autograd_of_the_loss():
     _, hidden = reference(probe[:, :-1], return_hidden=True)
     torch.testing.assert_close(acts[0], hidden[0].detach().flatten(0, 1))
     assert len(acts) == config.n_layers and acts[0].shape == (4 * 8, config.d_model)
+    grads_only, no_acts = probe_gradients_and_activations(model, probe, want_activations=False)
+    torch.testing.assert_close(grads_only[(0, "w_1")], grads[(0, "w_1")], rtol=1e-5, atol=1e-7)
+    assert no_acts == [None] * config.n_layers
 
 
 def test_analyse_checkpoints_rows(tmp_path):

@@ -189,3 +189,38 @@ def test_commands_on_a_run_trained_by_relora_train(tmp_path, data_dir, condition
     assert max(adapter_rank[4]) > 0
     if condition == "relora":
         assert adapter_rank[0] == {0.0}
+
+
+def test_hf_repo_downloads_the_missing_steps(tmp_path, data_dir, monkeypatch):
+    """The hub path, with huggingface_hub replaced by a fake serving locally built Pico folders."""
+    import sys
+    import types
+
+    config_path, run_dir, _ = make_run(tmp_path, "full", layout="huggingface")
+    served = tmp_path / "served"
+    (run_dir / "checkpoints").rename(served)
+    commits = [types.SimpleNamespace(title=f"Saving HF Model -- Step {s}", commit_id=f"c{s}") for s in (4, 2, 0)]
+    commits.append(types.SimpleNamespace(title="Saving Tokenizer -- Step 0", commit_id="tok"))
+    calls = []
+
+    def snapshot_download(repo_id, revision, local_dir, allow_patterns):
+        import shutil
+
+        calls.append((repo_id, revision))
+        shutil.copytree(served / f"step_{revision[1:]}", local_dir)
+        return local_dir
+
+    fake = types.SimpleNamespace(HfApi=lambda: types.SimpleNamespace(list_repo_commits=lambda repo_id, revision: commits),
+                                 snapshot_download=snapshot_download)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", fake)
+    args = ["--config", str(config_path), "--data", str(data_dir), "--run", str(run_dir),
+            "--hf-repo", "pico-lm/some-run@main"]
+    assert main(["dynamics", *args, "--set", "analysis.cka=false"]) == 0
+    assert sorted(calls) == [("pico-lm/some-run", "c0"), ("pico-lm/some-run", "c2"), ("pico-lm/some-run", "c4")]
+    assert main(["dynamics", *args, "--steps", "0,4", "--set", "analysis.cka=false"]) == 0
+    assert len(calls) == 3  # already there: nothing downloaded again
+    commits[:] = commits[1:]
+    import shutil
+
+    shutil.rmtree(run_dir / "checkpoints" / "step_4")
+    assert main(["dynamics", *args]) == 2

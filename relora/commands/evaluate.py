@@ -31,6 +31,13 @@ def _common(p) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--steps", type=lambda s: [int(x) for x in s.split(",")], default=None,
                    help="comma-separated steps instead of the resolver's (e.g. for a partial run)")
+    p.add_argument("--checkpoints", type=Path, default=None,
+                   help="folder of step_<k>/ checkpoints (default: RUN_DIR/checkpoints); a Pico run's "
+                        "checkpoints/ folder of the paper's Hugging Face snapshots works as it is")
+    p.add_argument("--hf-repo", default=None, metavar="REPO[@BRANCH]",
+                   help="first download the paper's released checkpoints (commits 'Saving HF Model -- "
+                        "Step <k>' of a pico-train repository and branch) for the missing steps into "
+                        "the checkpoints folder (needs internet and huggingface_hub)")
 
 
 def register(subparsers) -> None:
@@ -67,14 +74,53 @@ def _setup(args, kind: str):
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return study, run, sorted(steps), torch.device(device)
+    steps = sorted(steps)
+    if kind == "analysis" and "update" in study["analysis"].get("targets", ["update"]) and 0 not in steps:
+        steps = [0, *steps]  # W_0 is needed; step 0 is always a checkpoint step
+    args.checkpoints = args.checkpoints or args.run / "checkpoints"
+    if args.hf_repo:
+        fetch_pico_checkpoints(args.hf_repo, steps, args.checkpoints)
+    return study, run, steps, torch.device(device)
+
+
+def fetch_pico_checkpoints(repo: str, steps, dest: Path) -> None:
+    """Download the paper's released checkpoints into dest/step_<k>/ (skipping those present).
+
+    pico-train pushes every checkpoint as a commit titled 'Saving HF Model -- Step <k>' on the
+    run's branch (`REPO@BRANCH`; default main), holding config.json and the weights."""
+    import re
+
+    try:
+        from huggingface_hub import HfApi, snapshot_download
+    except ImportError:
+        raise ValueError("--hf-repo needs the huggingface_hub package (pip install huggingface_hub)") from None
+    repo_id, _, branch = repo.partition("@")
+    missing = [s for s in steps if not (Path(dest) / f"step_{s}" / "config.json").is_file()]
+    if not missing:
+        return
+    commits = {}
+    for commit in HfApi().list_repo_commits(repo_id=repo_id, revision=branch or None):
+        match = re.search(r"Saving HF Model -- Step (\d+)", commit.title)
+        if match:
+            commits.setdefault(int(match.group(1)), commit.commit_id)  # newest first: keep the latest
+    absent = [s for s in missing if s not in commits]
+    if absent:
+        raise FileNotFoundError(f"{repo}: no 'Saving HF Model -- Step k' commit for step(s) {absent} "
+                                f"(available: {sorted(commits)[:10]}{' ...' if len(commits) > 10 else ''})")
+    for step in missing:
+        target = Path(dest) / f"step_{step}"
+        tmp = target.with_name(f".{target.name}.download")
+        snapshot_download(repo_id=repo_id, revision=commits[step], local_dir=str(tmp),
+                          allow_patterns=["config.json", "model.safetensors", "pytorch_model.bin"])
+        tmp.replace(target)
+        print(f"downloaded {repo_id}@{commits[step][:8]} (step {step}) -> {target}", file=sys.stderr)
 
 
 def _snapshot_loader(args, run, step):
     from ..evaluate import load_snapshot, step_dir
     from ..model import ModelConfig
 
-    path = step_dir(args.run / "checkpoints", step)  # raises naming the folder
+    path = step_dir(args.checkpoints, step)  # raises naming the folder
     expected = ModelConfig(**run["model"])
     scale = run["method"].get("scale")
     return lambda: load_snapshot(path, expected=expected, scale=scale)
@@ -142,8 +188,6 @@ def run_dynamics(args) -> int:
     analysis = study.get("analysis", {})
     targets = tuple(analysis.get("targets", ("weight", "gradient", "update", "adapter")))
     cka = analysis.get("cka", True)
-    if "update" in targets and 0 not in steps:
-        steps = [0, *steps]  # W_0 is needed; step 0 is always a checkpoint step
     loaders = {step: _snapshot_loader(args, run, step) for step in steps}
     probe = load_probe(args.data / "probe.npy") if ("gradient" in targets or cka) else None
     rows = analyse_checkpoints(loaders, probe, targets, cka, analysis.get("probe_micro_batch"), device,
