@@ -206,7 +206,9 @@ def probe_gradients_and_activations(model: PicoDecoder, probe: torch.Tensor, mic
     grads = {key: torch.zeros_like(w) for key, w in weights.items()}
     activations: list[list[torch.Tensor]] = [[] for _ in model.layers]
     total = probe.shape[0] * (probe.shape[1] - 1)
-    micro_batch = micro_batch or probe.shape[0]
+    # default: as many sequences as keep the fp32 logits near 1 GiB (the paper's probe of
+    # 16 x 2048 tokens with a 50304 vocabulary would otherwise need 6.6 GB of logits at once)
+    micro_batch = micro_batch or max(1, 2**28 // ((probe.shape[1] - 1) * model.config.vocab_size))
     for start in range(0, probe.shape[0], micro_batch):
         chunk = probe[start:start + micro_batch].to(device)
         if want_activations:
