@@ -28,7 +28,9 @@ def _study(args) -> dict:
 
 
 def _threads(args) -> int:
-    return args.threads or len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if args.threads:
+        return args.threads
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _log(message: str) -> None:
