@@ -1,0 +1,593 @@
+"""Figures of a study, drawn with Altair from its DuckDB file (relora.results).
+
+`write_figures(db, out_dir)` writes every figure in FIGURES as PNG and SVG (rendered by
+vl-convert, no browser) and as interactive HTML whose scripts are inlined (the page works
+offline), plus `figures.json` (name, title, caption, files) for the report. A figure whose data
+the study lacks (no BLiMP, no dynamics, one condition) is still written, as a short note saying
+so, so that the set of files is the same for every study.
+
+Conventions: one colour per condition in every figure (the reference condition first, in dark
+grey); sizes ordered by parameter count; runs of several seeds drawn as one thin line per seed.
+Long curves are thinned to at most `report.max_points` points per run (mean per bin for losses,
+every n-th step for learning rates).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+PALETTE = ["#4c78a8", "#f58518", "#e45756", "#72b7b2", "#54a24b", "#eeca3b", "#b279a2",
+           "#ff9da6", "#9d755d", "#bab0ac"]
+REFERENCE_COLOR = "#333333"
+STEP_TITLE = "optimizer step"
+MODULE_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "w_0", "w_1", "w_2"]
+DEFAULT_HEADLINE = ["train_loss", "bpb", "blimp", "per/weight/w_2", "condition_number/weight/w_2"]
+METRIC_LABELS = {"train_loss": "training loss (nats/token)",
+                 "train_loss_smoothed": "training loss, smoothed (nats/token)",
+                 "bpb": "held-out bits per byte", "ppl": "held-out perplexity",
+                 "ppl_doc_mean": "held-out perplexity (document mean)",
+                 "blimp": "BLiMP accuracy", "per/weight/w_2": "PER of w_2 weights",
+                 "condition_number/weight/w_2": "condition number of w_2 weights"}
+
+
+class Context:
+    """What every figure needs: the connection, orders, colours and settings."""
+
+    def __init__(self, con, settings: dict | None = None):
+        self.con = con
+        self.datasets: dict[str, list[dict]] = {}
+        self.prefix = "relora"  # not Vega-Lite's own data_<n> names
+        study = self.one("SELECT * FROM study") if _has(con, "study") else {}
+        self.config = json.loads(study["config"]) if study.get("config") else {}
+        report = dict(self.config.get("report") or {})
+        report.update(settings or {})
+        self.max_points = int(report.get("max_points", 600))
+        self.headline = list(report.get("headline_metrics") or DEFAULT_HEADLINE)
+        self.reference = study.get("reference_condition") or "full"
+        self.study = study.get("study") or "study"
+        self.confidence = study.get("confidence") or 0.95
+        self.sizes = [r["size"] for r in self.rows(
+            "SELECT size, min(params_total) AS p FROM runs GROUP BY size ORDER BY p NULLS LAST, size")]
+        known = list(self.config.get("conditions") or [])
+        present = [r["condition"] for r in self.rows("SELECT DISTINCT condition FROM runs ORDER BY 1")]
+        order = [c for c in known if c in present] + [c for c in present if c not in known]
+        if self.reference in order:
+            order.remove(self.reference)
+            order.insert(0, self.reference)
+        self.conditions = order
+        self.params = {r["size"]: r["p"] for r in self.rows(
+            "SELECT size, min(params_total) AS p FROM runs GROUP BY size")}
+
+    def data(self, rows: list[dict]):
+        """A named dataset for a chart; its rows go into the spec's `datasets` in chart_spec
+        (inline values would be schema-validated row by row, which takes seconds)."""
+        import altair as alt
+
+        name = f"{self.prefix}_rows_{len(self.datasets)}"
+        self.datasets[name] = rows
+        return alt.NamedData(name=name)
+
+    def rows(self, sql: str, *params) -> list[dict]:
+        cursor = self.con.execute(sql, list(params))
+        names = [d[0] for d in cursor.description]
+        return [{k: _clean(v) for k, v in zip(names, r)} for r in cursor.fetchall()]
+
+    def one(self, sql: str, *params) -> dict:
+        found = self.rows(sql, *params)
+        return found[0] if found else {}
+
+    def color(self, field: str = "condition", title: str = "condition", legend: bool = True):
+        import altair as alt
+
+        colors = [REFERENCE_COLOR if c == self.reference else PALETTE[i % len(PALETTE)]
+                  for i, c in enumerate(self.conditions)]
+        return alt.Color(f"{field}:N", title=title, legend=alt.Undefined if legend else None,
+                         scale=alt.Scale(domain=self.conditions, range=colors))
+
+    def size_label(self, size: str) -> str:
+        p = self.params.get(size)
+        return f"{size} ({p / 1e6:.1f}M)" if p else size
+
+    def size_labels(self) -> list[str]:
+        return [self.size_label(s) for s in self.sizes]
+
+    def bin_width(self, table: str) -> int:
+        last = self.one(f"SELECT max(step) AS m FROM {table}").get("m") or 0
+        return max(1, math.ceil(last / self.max_points))
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None  # JSON has no NaN / inf; Vega-Lite drops nulls
+    return v
+
+
+def _has(con, table: str) -> bool:
+    return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
+                            [table]).fetchall()[0][0])
+
+
+def _note(title: str, message: str):
+    import altair as alt
+
+    return alt.Chart(alt.Data(values=[{"text": message}])).mark_text(
+        fontSize=13, align="left", x=5, y=20).encode(text="text:N").properties(
+        title=title, width=520, height=40)
+
+
+def _step(title: str = STEP_TITLE):
+    import altair as alt
+
+    return alt.X("step:Q", title=title, axis=alt.Axis(format="~s"))
+
+
+def _seed_detail():
+    import altair as alt
+
+    return alt.Detail("seed:N")
+
+
+def _tooltip(*fields):
+    return list(fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# figures
+
+
+def train_loss(ctx: Context):
+    import altair as alt
+
+    title = "Training loss"
+    b = ctx.bin_width("train_metrics")
+    data = ctx.rows(f"""
+        SELECT 'loss' AS kind, size, condition, seed, avg(step) AS step, avg(loss) AS loss
+        FROM train_metrics WHERE loss IS NOT NULL GROUP BY size, condition, seed, (step - 1) // {b}
+        UNION ALL
+        SELECT DISTINCT 'merge', size, condition, NULL, step, NULL FROM train_metrics WHERE merged
+        ORDER BY kind, size, condition, seed, step""")
+    if not any(r["kind"] == "loss" for r in data):
+        return _note(title, "no training metrics in this study")
+    for r in data:
+        r["size"] = ctx.size_label(r["size"])
+    last = max(r["step"] for r in data)
+    half = last / 2
+    zoom_losses = [r["loss"] for r in data if r["kind"] == "loss" and r["step"] >= half and r["loss"] is not None]
+    lo, hi = min(zoom_losses), max(zoom_losses)
+    pad = 0.05 * (hi - lo or 1.0)
+
+    named = ctx.data(data)  # one dataset shared by both panels
+
+    def panel(subtitle, rows, domain=None, height=220):
+        x = alt.X("step:Q", title=STEP_TITLE, axis=alt.Axis(format="~s"),
+                  scale=alt.Scale(domain=[rows[0], last]) if rows else alt.Undefined)
+        y_scale = alt.Scale(domain=domain, clamp=True, nice=False) if domain else alt.Scale(zero=False)
+        line = alt.Chart().transform_filter(alt.datum.kind == "loss").mark_line(strokeWidth=1.2).encode(
+            x=x, y=alt.Y("loss:Q", title="training loss (nats/token)", scale=y_scale),
+            color=ctx.color(), detail=_seed_detail(),
+            tooltip=["condition:N", "seed:N", alt.Tooltip("step:Q", format=".0f"), alt.Tooltip("loss:Q", format=".4f")])
+        rules = alt.Chart().transform_filter(alt.datum.kind == "merge").mark_rule(
+            strokeDash=[4, 3], opacity=0.45).encode(
+            x=x, color=ctx.color(legend=False), tooltip=["condition:N", alt.Tooltip("step:Q", title="merge after update")])
+        if rows:
+            line = line.transform_filter(alt.datum.step >= rows[0])
+            rules = rules.transform_filter(alt.datum.step >= rows[0])
+        return alt.layer(line, rules, data=named).properties(
+            width=300, height=height).facet(
+            column=alt.Column("size:N", title=None, sort=ctx.size_labels()),
+            title=subtitle)
+
+    full = panel("whole run", [])
+    zoom = panel(f"second half (steps {half:.0f} to {last:.0f})", [half], [lo - pad, hi + pad])
+    n = len(data)
+    caption = (f"mean per bin of {b} steps" if b > 1 else "every step") + \
+        "; dashed rules: merge-and-reinit steps of ReLoRA conditions; one line per seed"
+    return alt.vconcat(full, zoom).properties(
+        title=alt.Title(title, subtitle=caption)) if n else _note(title, "no data")
+
+
+def learning_rate(ctx: Context):
+    import altair as alt
+
+    title = "Learning-rate schedules"
+    b = ctx.bin_width("train_metrics")
+    first = ctx.one("""SELECT t.size, t.seed FROM train_metrics t
+                       ORDER BY t.seed, t.size LIMIT 1""")
+    if not first:
+        return _note(title, "no training metrics in this study")
+    size, seed = ctx.sizes[0] if ctx.sizes else first["size"], first["seed"]
+    data = ctx.rows(f"""
+        SELECT 'lr' AS kind, condition, step, lr FROM train_metrics
+        WHERE size = ? AND seed = ? AND (step % {b} = 0 OR step = 1 OR merged
+              OR (step - 1) % {b} = 0)
+        UNION ALL
+        SELECT DISTINCT 'merge', condition, step, NULL FROM train_metrics
+        WHERE size = ? AND seed = ? AND merged ORDER BY kind, condition, step""", size, seed, size, seed)
+    line = alt.Chart().transform_filter(alt.datum.kind == "lr").mark_line(strokeWidth=1.3).encode(
+        x=_step(), y=alt.Y("lr:Q", title="learning rate", axis=alt.Axis(format="~e")),
+        color=ctx.color(), tooltip=["condition:N", "step:Q", alt.Tooltip("lr:Q", format=".3e")])
+    rules = alt.Chart().transform_filter(alt.datum.kind == "merge").mark_rule(
+        strokeDash=[4, 3], opacity=0.45).encode(x=_step(), color=ctx.color(legend=False))
+    chart = alt.layer(line, rules, data=ctx.data(data)).properties(width=620, height=180)
+    chart = chart.facet(row=alt.Row("condition:N", title=None, sort=ctx.conditions,
+                                    header=alt.Header(labelAngle=0, labelAlign="left")))
+    return chart.resolve_scale(y="independent").properties(title=alt.Title(
+        title, subtitle=f"learning rate of each update (size {size}, seed {seed}); "
+                        "dashed rules: merge-and-reinit steps"))
+
+
+def heldout_bpb(ctx: Context):
+    import altair as alt
+
+    title = "Held-out bits per byte"
+    data = ctx.rows("""
+        SELECT size, condition, seed, step, domain, bpb FROM perplexity
+        UNION ALL
+        SELECT size, condition, seed, step, 'all domains', sum(nll) / (ln(2) * sum("bytes"))
+        FROM perplexity GROUP BY size, condition, seed, step
+        ORDER BY size, condition, seed, domain, step""")
+    if not data:
+        return _note(title, "no held-out evaluation in this study")
+    for r in data:
+        r["size"] = ctx.size_label(r["size"])
+    domains = ["all domains"] + sorted({r["domain"] for r in data} - {"all domains"})
+    base = alt.Chart().encode(
+        x=_step(), y=alt.Y("bpb:Q", title="bits per byte", scale=alt.Scale(type="log", nice=False, padding=6)),
+        color=ctx.color(), detail=_seed_detail(),
+        tooltip=["condition:N", "seed:N", "domain:N", "step:Q", alt.Tooltip("bpb:Q", format=".4f")])
+    chart = alt.layer(base.mark_line(strokeWidth=1.2), base.mark_point(size=18, filled=True, opacity=1),
+                      data=ctx.data(data)).properties(width=200, height=160)
+    return chart.facet(column=alt.Column("domain:N", title="evaluation domain", sort=domains),
+                       row=alt.Row("size:N", title=None, sort=ctx.size_labels())).resolve_scale(
+        y="independent").properties(title=alt.Title(
+            title, subtitle="lower is better; log scale; 'all domains' pools the bytes of every "
+                            "domain; one line per seed"))
+
+
+def _reference_overall(ctx: Context) -> list[dict]:
+    """Published accuracies averaged over the paradigms each size's runs evaluated (by UID)."""
+    return ctx.rows("""
+        WITH evaluated AS (SELECT DISTINCT size, uid FROM blimp)
+        SELECT e.size, r.model_label AS model, avg(r.accuracy) AS accuracy, count(*) AS paradigms
+        FROM evaluated e JOIN blimp_reference r USING (uid)
+        GROUP BY e.size, r.model_label ORDER BY e.size, accuracy""")
+
+
+def blimp_overall(ctx: Context):
+    import altair as alt
+
+    title = "BLiMP accuracy"
+    data = ctx.rows("""
+        SELECT 'run' AS kind, size, condition, seed, step, avg(accuracy) AS accuracy, NULL AS model
+        FROM blimp GROUP BY size, condition, seed, step ORDER BY size, condition, seed, step""")
+    if not data:
+        return _note(title, "no BLiMP evaluation in this study")
+    refs = _reference_overall(ctx)
+    data += [{"kind": "reference", "size": r["size"], "model": r["model"], "accuracy": r["accuracy"]}
+             for r in refs]
+    data += [{"kind": "chance", "size": s, "model": "chance", "accuracy": 0.5} for s in ctx.sizes]
+    for r in data:
+        r["size"] = ctx.size_label(r["size"])
+    base = alt.Chart().transform_filter(alt.datum.kind == "run").encode(
+        x=_step(), y=alt.Y("accuracy:Q", title="accuracy (mean over paradigms)",
+                           scale=alt.Scale(zero=False), axis=alt.Axis(format="%")),
+        color=ctx.color(), detail=_seed_detail(),
+        tooltip=["condition:N", "seed:N", "step:Q", alt.Tooltip("accuracy:Q", format=".3f")])
+    ref = alt.Chart().transform_filter(alt.datum.kind != "run")
+    layers = [base.mark_line(), base.mark_point(size=18, filled=True, opacity=1),
+              ref.mark_rule(strokeDash=[2, 2], color="#888888").encode(
+                  y="accuracy:Q", tooltip=["model:N", alt.Tooltip("accuracy:Q", format=".3f")]),
+              ref.mark_text(align="right", dx=-2, dy=-5, fontSize=10, color="#555555").encode(
+                  y="accuracy:Q", x=alt.value(298), text="model:N")]
+    chart = alt.layer(*layers, data=ctx.data(data)).properties(width=300, height=240)
+    subtitle = ("higher is better; mean over paradigms, one line per seed; dotted: chance" +
+                (" and published models / human agreement on the same paradigms (joined by UID; "
+                 "Warstadt et al. 2020)" if refs else " (no published reference configured or none joined)"))
+    return chart.facet(column=alt.Column("size:N", title=None, sort=ctx.size_labels())).properties(
+        title=alt.Title(title, subtitle=subtitle))
+
+
+def blimp_phenomena(ctx: Context):
+    import altair as alt
+
+    title = "BLiMP accuracy per phenomenon (last evaluated step)"
+    data = ctx.rows("""
+        WITH last AS (SELECT size, condition, seed, max(step) AS step FROM blimp GROUP BY ALL),
+        per_seed AS (SELECT size, condition, seed, phenomenon, avg(accuracy) AS accuracy
+                     FROM blimp JOIN last USING (size, condition, seed, step) GROUP BY ALL)
+        SELECT 'run' AS kind, size, condition, phenomenon, avg(accuracy) AS accuracy,
+               min(accuracy) AS lo, max(accuracy) AS hi, count(*) AS n_seeds, NULL AS model
+        FROM per_seed GROUP BY size, condition, phenomenon""")
+    if not data:
+        return _note(title, "no BLiMP evaluation in this study")
+    refs = ctx.rows("""
+        WITH ours AS (SELECT DISTINCT size, uid, phenomenon FROM blimp)
+        SELECT 'reference' AS kind, o.size, NULL AS condition, o.phenomenon, r.model_label AS model,
+               avg(r.accuracy) AS accuracy
+        FROM ours o JOIN blimp_reference r USING (uid) GROUP BY ALL""")
+    data += refs
+    for r in data:
+        r["size"] = ctx.size_label(r["size"])
+    phenomena = sorted({r["phenomenon"] for r in data})
+    y = alt.Y("phenomenon:N", title=None, sort=phenomena)
+    bars = alt.Chart().transform_filter(alt.datum.kind == "run").mark_bar(height={"band": 0.8}).encode(
+        x=alt.X("accuracy:Q", title="accuracy (mean over paradigms)", scale=alt.Scale(domain=[0, 1]),
+                axis=alt.Axis(format="%")),
+        y=y, yOffset=alt.YOffset("condition:N", sort=ctx.conditions), color=ctx.color(),
+        tooltip=["condition:N", "phenomenon:N", alt.Tooltip("accuracy:Q", format=".3f"), "n_seeds:Q"])
+    spread = alt.Chart().transform_filter(alt.datum.kind == "run").mark_rule(color="black").encode(
+        x="lo:Q", x2="hi:Q", y=y, yOffset=alt.YOffset("condition:N", sort=ctx.conditions))
+    layers = [bars, spread]
+    if refs:
+        layers.append(alt.Chart().transform_filter(alt.datum.kind == "reference").mark_point(
+            filled=False, color="black", size=40).encode(
+            x="accuracy:Q", y=y, shape=alt.Shape("model:N", title="published (by UID)"),
+            tooltip=["model:N", "phenomenon:N", alt.Tooltip("accuracy:Q", format=".3f")]))
+    chance = alt.Chart().mark_rule(strokeDash=[2, 2], color="#888888").encode(x=alt.datum(0.5))
+    layers.append(chance)
+    chart = alt.layer(*layers, data=ctx.data(data)).properties(width=260)
+    return chart.facet(column=alt.Column("size:N", title=None, sort=ctx.size_labels())).resolve_scale(
+        shape="shared").properties(title=alt.Title(
+            title, subtitle="bars: mean over seeds (black line: range over seeds); phenomena as in "
+                            "the evaluated data; dotted: chance" +
+                            ("; open symbols: published accuracies on the same paradigms" if refs else "")))
+
+
+def _adapter_caps(ctx: Context) -> list[dict]:
+    """rank r / min(out, in) per (size, ReLoRA condition, module type): the largest PER an
+    adapter scale·BA can reach."""
+    needed = {"method_rank", "model_d_model", "model_n_heads", "model_n_kv_heads", "model_ffn_hidden"}
+    if not needed <= {r["column_name"] for r in ctx.rows("SELECT column_name FROM (DESCRIBE runs)")}:
+        return []
+    caps = []
+    for r in ctx.rows("""SELECT DISTINCT size, condition, method_rank AS r, model_d_model AS d,
+                                model_n_heads AS h, model_n_kv_heads AS kv, model_ffn_hidden AS f
+                         FROM runs WHERE method = 'relora' AND method_rank IS NOT NULL"""):
+        d = r["d"]
+        kv = r["kv"] * d // r["h"] if r["h"] and r["kv"] else d
+        ffn = r["f"] or 4 * d
+        dims = {"q_proj": d, "o_proj": d, "k_proj": min(d, kv), "v_proj": min(d, kv),
+                "w_0": min(d, ffn), "w_1": min(d, ffn), "w_2": min(d, ffn)}
+        caps += [{"kind": "cap", "size": r["size"], "condition": r["condition"], "module": m,
+                  "value": min(1.0, r["r"] / k)} for m, k in dims.items()]
+    return caps
+
+
+def _dynamics(ctx: Context, title: str, metric: str, target: str, y_title: str,
+              log: bool = False, note: str = "", caps: bool = False):
+    import altair as alt
+
+    data = ctx.rows("""
+        SELECT 'run' AS kind, size, condition, seed, step, module, avg(value) AS value,
+               count(*) AS layers, count(*) FILTER (WHERE isinf(value)) AS infinite
+        FROM dynamics WHERE metric = ? AND target = ? AND module <> 'block'
+              AND (value IS NULL OR NOT isnan(value))
+        GROUP BY size, condition, seed, step, module ORDER BY size, condition, seed, module, step""",
+                    metric, target)
+    if not data:
+        return _note(title, f"no {metric} of {target} in this study")
+    infinite = sum(r["infinite"] for r in data)
+    data = [r for r in data if r["value"] is not None]
+    if not data:
+        return _note(title, f"{metric} of {target} is infinite or undefined everywhere")
+    shown = {(r["size"], r["condition"]) for r in data}
+    if caps:
+        data += [c for c in _adapter_caps(ctx) if (c["size"], c["condition"]) in shown]
+    for r in data:
+        r["size"] = ctx.size_label(r["size"])
+    modules = [m for m in MODULE_ORDER if any(r["module"] == m for r in data)]
+    modules += sorted({r["module"] for r in data} - set(modules))
+    scale = alt.Scale(type="log") if log else alt.Scale(zero=False, padding=6)
+    x = alt.X("step:Q", title=STEP_TITLE, scale=alt.Scale(domainMin=0),
+              axis=alt.Axis(format="~s", tickCount=4))
+    base = alt.Chart().transform_filter(alt.datum.kind == "run").encode(
+        x=x, y=alt.Y("value:Q", title=y_title, scale=scale), color=ctx.color(),
+        detail=_seed_detail(),
+        tooltip=["condition:N", "seed:N", "module:N", "step:Q", alt.Tooltip("value:Q", format=".4g")])
+    layers = [base.mark_line(strokeWidth=1.2), base.mark_point(size=14, filled=True, opacity=1)]
+    subtitle = f"mean over layers; one line per seed{note}"
+    if caps and any(r["kind"] == "cap" for r in data):
+        layers.append(alt.Chart().transform_filter(alt.datum.kind == "cap").mark_rule(
+            strokeDash=[4, 3]).encode(y="value:Q", color=ctx.color(legend=False),
+                                      tooltip=["condition:N", alt.Tooltip("value:Q", title="cap r / min dim",
+                                                                          format=".3f")]))
+        subtitle += "; dashed: the cap r / min dim"
+    chart = alt.layer(*layers, data=ctx.data(data)).properties(width=120, height=130)
+    if infinite:
+        subtitle += f"; {infinite} infinite values (rank-deficient matrices) left out of the means"
+    return chart.facet(column=alt.Column("module:N", title="module type", sort=modules),
+                       row=alt.Row("size:N", title=None, sort=ctx.size_labels())).properties(
+        title=alt.Title(title, subtitle=subtitle))
+
+
+def per_weight(ctx):
+    return _dynamics(ctx, "Proportional effective rank (PER) of the weights", "per", "weight",
+                     "PER (erank / min dim)", note="; the effective weight W + scale·BA for ReLoRA")
+
+
+def condition_number_weight(ctx):
+    return _dynamics(ctx, "Condition number of the weights", "condition_number", "weight",
+                     "σ_max / σ_min (log scale)", log=True)
+
+
+def per_update(ctx):
+    return _dynamics(ctx, "PER of the cumulative update W_t − W_0", "per", "update",
+                     "PER (erank / min dim)", note="; undefined at step 0 (all-zero update)")
+
+
+def per_adapter(ctx):
+    return _dynamics(ctx, "PER of the adapter update scale·BA (ReLoRA only)", "per", "adapter",
+                     "PER (erank / min dim)",
+                     note="; undefined right after a reset (all-zero adapter)", caps=True)
+
+
+def per_gradient(ctx):
+    return _dynamics(ctx, "PER of the gradient on the probe batch", "per", "gradient",
+                     "PER (erank / min dim)", note="; gradient of the effective weight")
+
+
+def cka_to_final(ctx: Context):
+    import altair as alt
+
+    title = "Linear CKA of each block's output to the final step"
+    data = ctx.rows("""
+        SELECT size, condition, step, layer, avg(value) AS cka, count(*) AS n_seeds
+        FROM dynamics WHERE metric = 'cka_to_final' GROUP BY size, condition, step, layer
+        ORDER BY size, condition, layer, step""")
+    if not data:
+        return _note(title, "no CKA in this study")
+    for r in data:
+        r["size"] = ctx.size_label(r["size"])
+    base = alt.Chart().encode(
+        x=_step(), y=alt.Y("cka:Q", title="CKA to final", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("layer:O", title="block", scale=alt.Scale(scheme="viridis")),
+        tooltip=["condition:N", "layer:O", "step:Q", alt.Tooltip("cka:Q", format=".3f"), "n_seeds:Q"])
+    chart = alt.layer(base.mark_line(strokeWidth=1.2), base.mark_point(size=14, filled=True, opacity=1),
+                      data=ctx.data(data)).properties(width=180, height=150)
+    return chart.facet(column=alt.Column("condition:N", title=None, sort=ctx.conditions),
+                       row=alt.Row("size:N", title=None, sort=ctx.size_labels())).properties(
+        title=alt.Title(title, subtitle="residual stream after each block on the probe batch, "
+                                        "mean over seeds; colour: block (0 = first)"))
+
+
+def gap_vs_size(ctx: Context):
+    import altair as alt
+
+    title = f"Final gap to '{ctx.reference}' vs model size"
+    placeholders = ", ".join("?" for _ in ctx.headline)
+    data = ctx.rows(f"SELECT * FROM gap WHERE metric IN ({placeholders})", *ctx.headline)
+    if not data:
+        return _note(title, f"no condition to compare with the reference condition '{ctx.reference}'")
+    max_seeds = max(r["n_seeds"] for r in data)
+    for r in data:
+        label = METRIC_LABELS.get(r["metric"], r["metric"])
+        r["panel"] = f"{label} ({r['better']} is better)" if r["better"] else label
+        r["size"] = ctx.size_label(r["size"])
+    panels = []
+    for m in ctx.headline:
+        panels += [r["panel"] for r in data if r["metric"] == m][:1]
+    x = alt.X("size:N", title="model size (parameters)", sort=ctx.size_labels(),
+              axis=alt.Axis(labelAngle=0))
+    base = alt.Chart().encode(x=x, color=ctx.color(),
+                              xOffset=alt.XOffset("condition:N", sort=ctx.conditions))
+    layers = [
+        alt.Chart().mark_rule(color="#888888").encode(y=alt.datum(0)),
+        base.mark_line(strokeWidth=1.2).encode(y=alt.Y("mean_diff:Q", title=f"condition − {ctx.reference}")),
+        base.mark_point(size=50, filled=True, opacity=1).encode(
+            y="mean_diff:Q", tooltip=["condition:N", "size:N", "metric:N",
+                                      alt.Tooltip("mean_diff:Q", format=".4g"),
+                                      alt.Tooltip("ci_low:Q", format=".4g"),
+                                      alt.Tooltip("ci_high:Q", format=".4g"),
+                                      alt.Tooltip("p_value:Q", format=".3g"), "n_seeds:Q"]),
+    ]
+    if max_seeds >= 2:
+        layers.append(base.mark_rule(strokeWidth=1.5).encode(
+            y=alt.Y("ci_low:Q", title=f"condition − {ctx.reference}"), y2="ci_high:Q"))
+        subtitle = (f"mean paired difference over seeds (n_seeds = {max_seeds}) with "
+                    f"{ctx.confidence:.0%} t-intervals; 0 = no gap")
+    else:
+        subtitle = "n_seeds = 1: point gaps, no confidence intervals; 0 = no gap"
+    chart = alt.layer(*layers, data=ctx.data(data)).properties(width=170, height=190)
+    return chart.facet(column=alt.Column("panel:N", title=None, sort=panels,
+                                         header=alt.Header(labelFontSize=11))).resolve_scale(
+        y="independent").properties(title=alt.Title(title, subtitle=subtitle))
+
+
+# name -> (function, caption for the report)
+FIGURES = {
+    "train_loss": (train_loss, "Training loss per step; merges of ReLoRA conditions marked."),
+    "learning_rate": (learning_rate, "Learning rate of each update per condition."),
+    "heldout_bpb": (heldout_bpb, "Held-out bits per byte per evaluation domain vs step."),
+    "blimp_overall": (blimp_overall, "BLiMP accuracy (mean over paradigms) vs step."),
+    "blimp_phenomena": (blimp_phenomena, "BLiMP accuracy per phenomenon at the last evaluated step."),
+    "per_weight": (per_weight, "PER of the weights per module type vs step."),
+    "condition_number_weight": (condition_number_weight, "Condition number of the weights per module type."),
+    "per_update": (per_update, "PER of the cumulative update W_t − W_0 per module type."),
+    "per_adapter": (per_adapter, "PER of the ReLoRA adapter update per module type."),
+    "per_gradient": (per_gradient, "PER of the probe-batch gradient per module type."),
+    "cka_to_final": (cka_to_final, "Linear CKA of each block's output to the final step."),
+    "gap_vs_size": (gap_vs_size, "Final gap of each condition to the reference vs model size."),
+}
+FORMATS = ("png", "svg", "html")
+
+
+def _finish(chart):
+    return chart.configure(font="DejaVu Sans").configure_title(
+        fontSize=15, anchor="start", subtitleFontSize=11, subtitleColor="#555555").configure_axis(
+        labelFontSize=10, titleFontSize=11).configure_header(
+        labelFontSize=11, titleFontSize=11).configure_legend(labelFontSize=11, titleFontSize=11)
+
+
+def _write_atomic(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if isinstance(data, str):
+        tmp.write_text(data, encoding="utf-8")
+    else:
+        tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def chart_spec(chart, ctx: Context | None = None) -> dict:
+    """The Vega-Lite spec of a figure, with the datasets its charts name inlined."""
+    spec = _finish(chart).to_dict()
+    if ctx is not None and ctx.datasets:
+        spec.setdefault("datasets", {}).update(ctx.datasets)
+        ctx.datasets = {}
+    return spec
+
+
+def render(spec: dict, fmt: str, scale: float = 2.0):
+    import vl_convert as vlc
+
+    if fmt == "png":
+        return vlc.vegalite_to_png(spec, scale=scale, allowed_base_urls=[])
+    if fmt == "svg":
+        return vlc.vegalite_to_svg(spec, allowed_base_urls=[])
+    if fmt == "html":
+        return vlc.vegalite_to_html(spec, bundle=True)  # vega scripts inlined: works offline
+    raise ValueError(f"unknown figure format '{fmt}' (use {', '.join(FORMATS)})")
+
+
+def write_figures(db, out_dir, formats=FORMATS, names=None, settings: dict | None = None,
+                  scale: float = 2.0) -> list[dict]:
+    """Write every figure (or `names`) of the study in `db` into `out_dir`; return the list
+    written to `out_dir/figures.json`. PNGs are drawn at `scale` times the chart size."""
+    import duckdb
+
+    db, out_dir = Path(db), Path(out_dir)
+    if not db.exists():
+        raise FileNotFoundError(f"{db}: study database not found (run `relora aggregate` first)")
+    for fmt in formats:
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown figure format '{fmt}' (use {', '.join(FORMATS)})")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        ctx = Context(con, settings)
+        manifest = []
+        for name in names or FIGURES:
+            if name not in FIGURES:
+                raise ValueError(f"unknown figure '{name}' (figures: {', '.join(FIGURES)})")
+            function, caption = FIGURES[name]
+            spec = chart_spec(function(ctx), ctx)
+            files = {}
+            for fmt in formats:
+                path = out_dir / f"{name}.{fmt}"
+                _write_atomic(path, render(spec, fmt, scale))
+                files[fmt] = path.name
+            title = spec.get("title", {})
+            manifest.append({"name": name, "title": title.get("text") if isinstance(title, dict) else title,
+                             "caption": caption, "files": files})
+    finally:
+        con.close()
+    listing = out_dir / "figures.json"
+    if names and listing.exists():  # a partial redraw keeps the other figures' entries
+        drawn = {m["name"] for m in manifest}
+        kept = [m for m in json.loads(listing.read_text()) if m.get("name") not in drawn]
+        manifest = sorted(kept + manifest, key=lambda m: list(FIGURES).index(m["name"])
+                          if m["name"] in FIGURES else len(FIGURES))
+    _write_atomic(listing, json.dumps(manifest, indent=2))
+    return manifest

@@ -1,0 +1,122 @@
+"""Altair figures from the study database: files, contents of the specs, placeholders."""
+
+import json
+
+import duckdb
+import pytest
+
+import synthetic_runs as syn
+from relora import plots
+from relora.results import aggregate
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory, request):
+    root = tmp_path_factory.mktemp("plots") / "synthetic"
+    study = syn.write_synthetic_study(root)
+    reference = syn.Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "blimp" / "reference"
+    if reference.is_dir():
+        study["evaluation"]["blimp"] = {"reference": str(reference)}
+    return aggregate(root, study, root / "study.duckdb")
+
+
+@pytest.fixture(scope="module")
+def figures(db, tmp_path_factory):
+    out = tmp_path_factory.mktemp("figures")
+    return out, plots.write_figures(db, out, formats=["png", "svg"], scale=1)
+
+
+def specs(db, **settings):
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        ctx = plots.Context(con, settings)
+        return {name: plots.chart_spec(function(ctx), ctx) for name, (function, _) in plots.FIGURES.items()}
+    finally:
+        con.close()
+
+
+def rows(spec):
+    return [r for values in spec.get("datasets", {}).values() for r in values]
+
+
+def test_every_figure_is_written_as_png_and_svg(figures):
+    out, manifest = figures
+    assert [m["name"] for m in manifest] == list(plots.FIGURES)
+    for name in plots.FIGURES:
+        png = (out / f"{name}.png").read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 10_000, name
+        assert (out / f"{name}.svg").read_text().lstrip().startswith("<svg"), name
+    listing = json.loads((out / "figures.json").read_text())
+    assert listing == manifest and all(m["title"] and m["caption"] for m in listing)
+    assert not list(out.glob(".*tmp"))
+
+
+def test_interactive_html_is_offline(db, tmp_path):
+    plots.write_figures(db, tmp_path, formats=["html"], names=["gap_vs_size"])
+    text = (tmp_path / "gap_vs_size.html").read_text()
+    assert "<script" in text and "vegaEmbed" in text
+    assert 'src="http' not in text and "src='http" not in text  # scripts inlined, no CDN
+    listing = json.loads((tmp_path / "figures.json").read_text())
+    assert [m["name"] for m in listing] == ["gap_vs_size"]
+
+
+def test_specs_carry_the_data_they_should(db):
+    s = specs(db)
+    loss = rows(s["train_loss"])
+    merges = {r["step"] for r in loss if r["kind"] == "merge"}
+    assert merges == {101, 201}
+    assert {r["condition"] for r in loss if r["kind"] == "loss"} == set(syn.CONDITIONS)
+    assert "merge" in json.dumps(s["train_loss"]["title"])
+    gap = rows(s["gap_vs_size"])
+    assert {r["metric"] for r in gap} == set(plots.DEFAULT_HEADLINE)
+    assert "n_seeds = 2" in json.dumps(s["gap_vs_size"]["title"])
+    assert "ci_low" in json.dumps(s["gap_vs_size"])
+    caps = [r for r in rows(s["per_adapter"]) if r.get("kind") == "cap"]
+    assert caps and all(0 < r["value"] <= 1 for r in caps)
+    bpb_domains = {r["domain"] for r in rows(s["heldout_bpb"])}
+    assert bpb_domains == {"all domains", *syn.DOMAINS}
+    # sizes ordered by parameters, labelled with them
+    assert json.dumps(s["train_loss"]).index("tiny (") < json.dumps(s["train_loss"]).index("small (")
+
+
+def test_blimp_reference_lines_join_by_uid(db, blimp_dir):
+    s = specs(db)
+    refs = [r for r in rows(s["blimp_overall"]) if r["kind"] == "reference"]
+    assert {r["model"] for r in refs} == {"5-gram", "LSTM", "Transformer-XL", "GPT-2", "Human agreement"}
+    # averaged over the study's paradigms only (6 UIDs), not BLiMP's published overall
+    gpt2 = [json.loads(line) for line in (blimp_dir / "reference" / "models_summary.jsonl").open()]
+    ours = {p[0] for p in syn.PARADIGMS}
+    expected = sum(r["gpt2"] for r in gpt2 if r["UID"] in ours) / len(ours)
+    assert next(r for r in refs if r["model"] == "GPT-2")["accuracy"] == pytest.approx(expected)
+    # per phenomenon: grouped by the data's phenomenon (animate_subject_passive -> s-selection)
+    per = [r for r in rows(s["blimp_phenomena"]) if r["kind"] == "reference"]
+    assert {r["phenomenon"] for r in per} == {p[1] for p in syn.PARADIGMS}
+
+
+def test_one_seed_study_says_so_and_missing_data_gives_notes(tmp_path):
+    missing = {(s, c, 0): ["blimp", "dynamics"] for s in ("tiny", "small") for c in ("full", "relora")}
+    study = syn.write_synthetic_study(tmp_path, conditions=("full", "relora"), seeds=(0,), missing=missing)
+    db = aggregate(tmp_path, study, tmp_path / "study.duckdb")
+    s = specs(db)
+    title = json.dumps(s["gap_vs_size"]["title"])
+    assert "n_seeds = 1" in title and "no confidence intervals" in title
+    assert '"y2"' not in json.dumps(s["gap_vs_size"])  # no interval bars
+    for name in ("blimp_overall", "blimp_phenomena", "per_weight", "cka_to_final"):
+        assert "no " in json.dumps(s[name]), name
+    out = plots.write_figures(db, tmp_path / "figures", formats=["png"], names=["cka_to_final"], scale=1)
+    assert (tmp_path / "figures" / "cka_to_final.png").stat().st_size > 1000 and len(out) == 1
+
+
+def test_long_runs_are_thinned(db):
+    s = specs(db, max_points=50)
+    steps = [r for r in rows(s["train_loss"]) if r["kind"] == "loss"]
+    assert len(steps) == 12 * 50  # 300 steps in bins of 6
+
+
+def test_bad_arguments(db, tmp_path):
+    with pytest.raises(ValueError, match="unknown figure"):
+        plots.write_figures(db, tmp_path, names=["nope"])
+    with pytest.raises(ValueError, match="format"):
+        plots.write_figures(db, tmp_path, formats=["gif"])
+    with pytest.raises(FileNotFoundError):
+        plots.write_figures(tmp_path / "none.duckdb", tmp_path)
