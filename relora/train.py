@@ -109,6 +109,18 @@ def load_train_tokens(data_dir: Path, vocab_size: int) -> np.ndarray:
     return tokens
 
 
+def training_batches(data_dir: Path, seq_len: int, batch_size: int, seed: int, vocab_size: int):
+    """Batches from DATA_DIR/train.npy, or streamed when the data manifest says so."""
+    manifest_path = data_dir / "manifest.json"
+    if not (data_dir / "train.npy").exists() and manifest_path.exists():
+        train = json.loads(manifest_path.read_text()).get("train", {})
+        if train.get("kind") == "stream":
+            from .data.stream import StreamedBatches
+
+            return StreamedBatches(train["datasets"], seq_len, batch_size, vocab_size)
+    return TokenBatches(load_train_tokens(data_dir, vocab_size), seq_len, batch_size, seed)
+
+
 # --- distributed ------------------------------------------------------------------------------
 
 def distributed_setup(device: torch.device) -> tuple[int, int]:
@@ -175,8 +187,8 @@ class Trainer:
             raise ValueError(f"training.batch_size {batch} is not divisible by grad_accum {accum} x "
                              f"world size {self.world}")
         self.micro_batch = batch // (accum * self.world)
-        tokens = load_train_tokens(data_dir, run["data"]["vocab_size"])
-        self.batches = TokenBatches(tokens, run["data"]["seq_len"], batch, self.seed)
+        self.batches = training_batches(Path(data_dir), run["data"]["seq_len"], batch, self.seed,
+                                        run["data"]["vocab_size"])
         self.steps = run["steps"]
         self.merge_steps = set(self.steps["merge"])
         self.checkpoint_steps = set(self.steps["checkpoint"])

@@ -277,3 +277,23 @@ def test_ddp_two_processes_equal_one(tmp_path, data_dir, condition):
         torch.testing.assert_close(one[key], two[key], rtol=1e-3, atol=1e-4)
     losses = [pq.read_table(tmp_path / d / "train_metrics.parquet")["loss"].to_pylist() for d in ("one", "two")]
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
+def test_streamed_rows_train_like_a_token_file(tmp_path):
+    """A pre-tokenized stream (local parquet standing in for pico-lm/pretokenized-dolma) gives
+    update k the rows [(k-1)B, kB), and a run trains from it without train.npy."""
+    import pyarrow as pa
+
+    rows = np.random.default_rng(1).integers(0, 100, (60, 17))
+    data = tmp_path / "data"
+    data.mkdir()
+    pq.write_table(pa.table({"input_ids": [r.tolist() for r in rows]}), tmp_path / "dolma.parquet")
+    spec = {"path": str(tmp_path / "dolma.parquet"), "tokens_field": "input_ids", "stream": True}
+    (data / "manifest.json").write_text(json.dumps({"train": {"kind": "stream", "datasets": [spec]}}))
+    trainer = Trainer(resolved("full"), data, tmp_path / "run", tmp_path / "resume")
+    assert torch.equal(trainer.batches.batch(3), torch.from_numpy(rows[8:12]))
+    assert torch.equal(trainer.batches.batch(1)[2:], torch.from_numpy(rows[2:4]))  # re-opened at step 1
+    trainer.fit()
+    assert (tmp_path / "run" / "run.json").exists()
+    with pytest.raises(ValueError, match="the training stream ended at row 60"):
+        trainer.batches.batch(16)
