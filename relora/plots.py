@@ -170,8 +170,8 @@ def train_loss(ctx: Context):
             color=ctx.color(), detail=_seed_detail(),
             tooltip=["condition:N", "seed:N", alt.Tooltip("step:Q", format=".0f"), alt.Tooltip("loss:Q", format=".4f")])
         rules = alt.Chart().transform_filter(alt.datum.kind == "merge").mark_rule(
-            strokeDash=[4, 3], opacity=0.45).encode(
-            x=x, color=ctx.color(legend=False), tooltip=["condition:N", alt.Tooltip("step:Q", title="merge after update")])
+            strokeDash=[4, 3], strokeWidth=0.8).encode(
+            x=x, color=ctx.color(), tooltip=["condition:N", alt.Tooltip("step:Q", title="merge after update")])
         if rows:
             line = line.transform_filter(alt.datum.step >= rows[0])
             rules = rules.transform_filter(alt.datum.step >= rows[0])
@@ -210,7 +210,7 @@ def learning_rate(ctx: Context):
         x=_step(), y=alt.Y("lr:Q", title="learning rate", axis=alt.Axis(format="~e")),
         color=ctx.color(), tooltip=["condition:N", "step:Q", alt.Tooltip("lr:Q", format=".3e")])
     rules = alt.Chart().transform_filter(alt.datum.kind == "merge").mark_rule(
-        strokeDash=[4, 3], opacity=0.45).encode(x=_step(), color=ctx.color(legend=False))
+        strokeDash=[4, 3], strokeWidth=0.8).encode(x=_step(), color=ctx.color())
     chart = alt.layer(line, rules, data=ctx.data(data)).properties(width=620, height=180)
     chart = chart.facet(row=alt.Row("condition:N", title=None, sort=ctx.conditions,
                                     header=alt.Header(labelAngle=0, labelAlign="left")))
@@ -410,7 +410,7 @@ def per_weight(ctx):
 
 def condition_number_weight(ctx):
     return _dynamics(ctx, "Condition number of the weights", "condition_number", "weight",
-                     "σ_max / σ_min (log scale)", log=True)
+                     "σ_max / σ_min", log=True, note="; log scale")
 
 
 def per_update(ctx):
