@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from relora.dynamics import Target, matrix_metrics, snapshot_targets, spectra_rows
+from relora.dynamics import matrix_metrics, snapshot_targets, spectra_rows
 from relora.evaluate import LINEAR_PARENTS, Snapshot, linear_key, score_documents, score_sentences
 from relora.model import ModelConfig, PicoDecoder
 

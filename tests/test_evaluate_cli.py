@@ -117,6 +117,10 @@ def test_bad_inputs_are_named(tmp_path, data_dir, capsys):
     shutil.rmtree(run_dir / "checkpoints" / "step_2")
     assert main(["evaluate", *args]) == 2
     assert "step_2: no checkpoint at step 2 (found: step_0, step_4)" in capsys.readouterr().err
+    # a probe that does not fit the run
+    np.save(data_dir / "probe.npy", np.full((2, 40), 3))
+    assert main(["dynamics", *args, "--steps", "0,4"]) == 2
+    assert "probe.npy: windows of 39 tokens" in capsys.readouterr().err
     # missing probe
     (data_dir / "probe.npy").unlink()
     assert main(["dynamics", *args, "--steps", "0,4"]) == 2

@@ -190,6 +190,12 @@ def run_dynamics(args) -> int:
     cka = analysis.get("cka", True)
     loaders = {step: _snapshot_loader(args, run, step) for step in steps}
     probe = load_probe(args.data / "probe.npy") if ("gradient" in targets or cka) else None
+    if probe is not None:
+        context, vocab = run["model"]["max_seq_len"], run["model"]["vocab_size"]
+        if probe.shape[1] - 1 > context or int(probe.max()) >= vocab or int(probe.min()) < 0:
+            raise ValueError(f"{args.data / 'probe.npy'}: windows of {probe.shape[1] - 1} tokens with ids in "
+                             f"[{int(probe.min())}, {int(probe.max())}] do not fit the run's context {context} "
+                             f"and vocabulary {vocab}")
     rows = analyse_checkpoints(loaders, probe, targets, cka, analysis.get("probe_micro_batch"), device,
                                progress=_progress("relora dynamics", len(steps)))
     keys = {"size": run["size"], "condition": run["condition"], "seed": run["seed"]}
