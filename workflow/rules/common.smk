@@ -150,6 +150,18 @@ def get_run_outputs(wildcards):
     return {table.split(".")[0]: [f"{d}/{table}" for d in run_dirs()] for table in tables}
 
 
+def get_run_dirs(wildcards, input):
+    """The run directories whose tables `aggregate` reads (only this study's runs, even when
+    results/<study>/runs/ holds others from an earlier config)."""
+    return [os.path.dirname(path) for path in input.run]
+
+
+def get_blimp_reference(wildcards):
+    """The folder of published BLiMP accuracies for reference lines, if the study names one."""
+    reference = STUDY["evaluation"].get("blimp", {}).get("reference")
+    return {"blimp_reference": reference} if reference else {}
+
+
 def input_dir(key):
     """A params function: the folder of the named input (a data or run directory), derived
     from the input so that it also holds where jobs see other paths than the scheduler."""

@@ -4,13 +4,14 @@
 rule aggregate:
     input:
         unpack(get_run_outputs),
+        unpack(get_blimp_reference),
     output:
         db=f"{RESULTS}/study.duckdb",
     log:
         f"{LOGS}/results/aggregate.log",
     params:
         study=STUDY_FILE,
-        results=output_dir("db"),
+        runs=get_run_dirs,
         results_hash=get_results_hash,
     threads: threads_for("results")
     resources:
@@ -19,7 +20,7 @@ rule aggregate:
     conda:
         "../../envs/results.yaml"
     shell:
-        "python -m relora aggregate --config {params.study} --results {params.results}"
+        "python -m relora aggregate --config {params.study} --runs {params.runs}"
         " --out {output.db} > {log} 2>&1"
 
 
@@ -36,7 +37,6 @@ rule figures:
     log:
         f"{LOGS}/results/figures.log",
     params:
-        study=STUDY_FILE,
         results_hash=get_results_hash,
     threads: threads_for("results")
     resources:
@@ -45,8 +45,8 @@ rule figures:
     conda:
         "../../envs/results.yaml"
     shell:
-        "python -m relora figures --config {params.study} --db {input.db}"
-        " --out {output.figures} > {log} 2>&1"
+        "python -m relora figures --db {input.db}"
+        " --out-dir {output.figures} > {log} 2>&1"
 
 
 rule report:

@@ -1,0 +1,113 @@
+"""The whole workflow, end to end, on the shrunk study run once per session (`e2e_study`)."""
+
+import shutil
+
+import pytest
+import yaml
+
+from workflow_helpers import job_counts, output_of, planned_runs, snakemake, write_study
+
+pytestmark = pytest.mark.slow
+
+RUN_TABLES = ("run.json", "train_metrics.parquet", "perplexity.parquet", "blimp.parquet",
+              "dynamics.parquet")
+
+
+def test_study_produces_every_output(e2e_study):
+    results = e2e_study.results
+    for name in ("study.duckdb", "report.html", "study.yaml", "data/manifest.json",
+                 "data/train.npy", "data/tokenizer.json", "data/probe.npy"):
+        assert (results / name).is_file(), name
+    assert list((results / "data/eval").glob("*.parquet"))
+    assert list((results / "data/blimp").glob("*.jsonl"))
+    assert list((results / "figures").glob("*.png"))
+    for run in e2e_study.run_dirs():
+        for table in RUN_TABLES:
+            assert (run / table).is_file(), run / table
+        steps = sorted(int(p.name.removeprefix("step_")) for p in (run / "checkpoints").glob("step_*"))
+        assert steps == [0, 6, 12]
+    # resumable state is published into the run directory and deleted when a run ends
+    assert not list(results.glob("resume/**/state.pt"))
+
+
+def test_every_heavy_job_has_a_log_and_a_benchmark(e2e_study):
+    results = e2e_study.results
+    for rule in ("train", "evaluate", "dynamics"):
+        for run in e2e_study.run_dirs():
+            key = run.relative_to(results / "runs")
+            assert (results / "logs" / rule / f"{key}.log").is_file()
+            assert (results / "benchmarks" / rule / f"{key}.tsv").is_file()
+    for stage in ("corpus", "tokenizer", "tokenize", "probe", "blimp", "manifest"):
+        assert (results / "logs/data" / f"{stage}.log").is_file()
+
+
+def test_database_has_every_table_and_view(e2e_study):
+    duckdb = pytest.importorskip("duckdb")
+    with duckdb.connect(str(e2e_study.results / "study.duckdb"), read_only=True) as db:
+        names = {row[0] for row in db.execute("select table_name from information_schema.tables").fetchall()}
+        assert {"runs", "train_metrics", "dynamics", "perplexity", "blimp", "final", "gap"} <= names
+        n_runs = len(e2e_study.run_dirs())
+        assert db.execute("select count(*) from runs").fetchone()[0] == n_runs
+        assert db.execute("select count(distinct (condition, seed)) from train_metrics").fetchone()[0] == n_runs
+
+
+def test_nothing_left_to_do_after_the_run(e2e_study):
+    result = snakemake(e2e_study.workdir, "--dry-run", "--configfile", str(e2e_study.study_file))
+    assert result.returncode == 0, output_of(result)
+    assert "Nothing to be done" in output_of(result), output_of(result)
+
+
+@pytest.fixture
+def copied_study(e2e_study, tmp_path):
+    """A copy of the completed study (outputs, mtimes and Snakemake's records), to edit."""
+    workdir = tmp_path / "work"
+    shutil.copytree(e2e_study.workdir, workdir, symlinks=True)
+    return workdir, yaml.safe_load(e2e_study.study_file.read_text())
+
+
+def dry_run_with(workdir, study, tmp_path):
+    path = write_study(tmp_path / "changed.yaml", study)
+    result = snakemake(workdir, "--dry-run", "--configfile", str(path))
+    assert result.returncode == 0, output_of(result)
+    return result
+
+
+def test_changing_one_condition_reruns_only_its_jobs(copied_study, tmp_path):
+    workdir, study = copied_study
+    study["conditions"]["relora"]["training"]["lr"] = 1.0e-3
+    result = dry_run_with(workdir, study, tmp_path)
+    relora_runs = {f"size=mini/condition=relora/seed={n}" for n in study["seeds"]}
+    for rule in ("train", "evaluate", "dynamics"):
+        assert planned_runs(result, rule) == relora_runs, rule
+    counts = job_counts(result)
+    assert not {"corpus", "tokenizer", "tokenize", "probe", "blimp", "manifest"} & set(counts)
+    assert counts["aggregate"] == counts["figures"] == counts["report"] == 1
+
+
+def test_changing_blimp_reruns_evaluation_not_training(copied_study, tmp_path):
+    workdir, study = copied_study
+    study["evaluation"]["blimp"]["pairs_per_paradigm"] = 3
+    counts = job_counts(dry_run_with(workdir, study, tmp_path))
+    assert counts["blimp"] == 1
+    assert counts["evaluate"] == len(study["seeds"]) * len(study["conditions"])
+    assert not {"train", "dynamics", "corpus", "tokenize"} & set(counts)
+
+
+def test_scheduling_changes_rerun_nothing(copied_study, tmp_path):
+    workdir, study = copied_study
+    study["workflow"]["threads"]["train"] = 2
+    study["workflow"]["mem_mb"] = {"evaluate": 1234}
+    result = dry_run_with(workdir, study, tmp_path)
+    assert "Nothing to be done" in output_of(result), output_of(result)
+
+
+def test_snakemake_report_has_the_figures(e2e_study, copied_study):
+    workdir, _ = copied_study
+    result = snakemake(workdir, "--report", "snakemake_report.zip",
+                       "--configfile", str(e2e_study.study_file), timeout=900)
+    assert result.returncode == 0, output_of(result)
+    import zipfile
+
+    names = zipfile.ZipFile(workdir / "snakemake_report.zip").namelist()
+    assert any(n.endswith("train_loss.png") for n in names), names[:20]
+    assert any(n.endswith("report.html") and "/data/raw/" in n for n in names), names[:20]
