@@ -9,7 +9,6 @@ from it. Files are written under temporary names and renamed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .io import atomic_write_text, sha256_file  # noqa: F401 (re-exported)
 from .lora import wrap_with_lora
 from .model import ModelConfig, PicoDecoder
 
@@ -26,21 +26,6 @@ CONFIG = "config.json"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def build_model(model: dict | ModelConfig, method: dict) -> PicoDecoder:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .checkpoint import build_model
-from .config import model_config, resolve_run
+from .config import resolve_run
 from .lora import lora_modules
 from .model import count_parameters, model_flops_per_token
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data.blimp import load_paradigm_file
 from .model import ModelConfig, PicoDecoder, rope_tables
 
 LINEAR_PARENTS = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention",
@@ -419,21 +420,11 @@ def read_blimp(blimp_dir) -> list[dict]:
     if not files:
         raise FileNotFoundError(f"{blimp_dir}: no BLiMP files (<UID>.jsonl) found")
     pairs = []
-    for file in files:
-        with open(file) as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{file}:{number}: not valid JSON: {e}") from None
-                missing = {"sentence_good", "sentence_bad"} - set(row)
-                if missing:
-                    raise ValueError(f"{file}:{number}: missing {', '.join(sorted(missing))}")
-                pairs.append({"uid": row.get("UID", file.stem), "phenomenon": row.get("linguistics_term", ""),
-                              "field": row.get("field", ""), "good": row["sentence_good"],
-                              "bad": row["sentence_bad"], "source": row.get("source")})
+    for file in files:  # the data stage's validating reader: errors name the file and line
+        for row in load_paradigm_file(file):
+            pairs.append({"uid": row["UID"], "phenomenon": row["linguistics_term"], "field": row["field"],
+                          "good": row["sentence_good"], "bad": row["sentence_bad"],
+                          "source": row.get("source")})
     return pairs
 
 

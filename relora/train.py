@@ -31,9 +31,10 @@ import torch
 import torch.distributed as dist
 
 from . import __version__
-from .checkpoint import atomic_write_text, build_model, save_checkpoint
+from .checkpoint import build_model, save_checkpoint
 from .config import run_config_hash
-from .lora import adapter_parameters, merge_and_reinit, wrap_with_lora
+from .io import atomic_path, atomic_write_text
+from .lora import merge_and_reinit, wrap_with_lora
 from .model import count_parameters
 from .optim import build_optimizer, lr_factor, reset_optimizer_state
 
@@ -157,9 +158,8 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 def save_state(path: Path, payload: dict) -> None:
     """torch.save to a temporary name, then rename: a kill never leaves a torn state file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def event_generator(seed: int, step: int, salt: int) -> torch.Generator:
@@ -455,9 +455,8 @@ def write_metrics(rows: list[dict], run: dict, path: Path) -> None:
         "tokens_per_s": pa.array([r["tokens_per_s"] for r in rows], pa.float64()),
         "merged": pa.array([r["merged"] for r in rows], pa.bool_()),
     })
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def train(run: dict, data_dir, out_dir, resume_dir, threads=None, progress=None, stop_after=None) -> dict:

@@ -175,7 +175,7 @@ def test_blimp_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no BLiMP files"):
         read_blimp(tmp_path)
     (tmp_path / "x.jsonl").write_text('{"sentence_good": "a"}\n')
-    with pytest.raises(ValueError, match=r"x.jsonl:1: missing sentence_bad"):
+    with pytest.raises(ValueError, match=r"x.jsonl:1: missing field\(s\) sentence_bad"):
         read_blimp(tmp_path)
 
 

@@ -15,7 +15,6 @@ DATA/manifest.json, the data directory being the parent of each --out (tokenize:
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time

