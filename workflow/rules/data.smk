@@ -1,13 +1,11 @@
 # Data (DESIGN 3.1, 4): corpus -> tokenizer -> token shards and held-out domains, probe batch,
 # BLiMP pairs, all under results/<study>/data/.
 
-
-localrules:
-    corpus,
+# Stages that download with the study's sources are local rules (common.smk: downloads).
 
 
 rule corpus:
-    # downloads (or reads local files): a localrule, for clusters whose compute nodes are offline
+    localrule: downloads("corpus")
     output:
         corpus=directory(f"{DATA}/corpus"),
     log:
@@ -22,6 +20,7 @@ rule corpus:
 
 
 rule tokenizer:
+    localrule: downloads("tokenizer")
     input:
         corpus=f"{DATA}/corpus",
     output:
@@ -43,17 +42,17 @@ rule tokenizer:
 
 
 rule tokenize:
+    localrule: downloads("tokenize")
     input:
         corpus=f"{DATA}/corpus",
         tokenizer=f"{DATA}/tokenizer.json",
     output:
-        train=f"{DATA}/train.npy",
-        eval=directory(f"{DATA}/eval"),
+        **get_tokenize_outputs(),
     log:
         f"{LOGS}/data/tokenize.log",
     params:
         study=STUDY_FILE,
-        data=output_dir("train"),
+        data=output_dir("eval"),
         data_hash=get_data_hash,
     threads: threads_for("data")
     resources:
@@ -88,6 +87,7 @@ rule probe:
 
 
 rule blimp:
+    localrule: downloads("blimp")
     input:
         unpack(get_blimp_source),
         corpus=f"{DATA}/corpus",
@@ -112,9 +112,8 @@ rule blimp:
 rule manifest:
     # sources, versions, sha256 and size of every data file, merged from each stage's record
     input:
+        **tokenized_files(),
         tokenizer=f"{DATA}/tokenizer.json",
-        train=f"{DATA}/train.npy",
-        eval=f"{DATA}/eval",
         probe=f"{DATA}/probe.npy",
         blimp=f"{DATA}/blimp",
     output:
@@ -122,7 +121,7 @@ rule manifest:
     log:
         f"{LOGS}/data/manifest.log",
     params:
-        data=input_dir("train"),
+        data=input_dir("tokenizer"),
     conda:
         "../../envs/data.yaml"
     shell:

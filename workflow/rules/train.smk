@@ -5,8 +5,7 @@
 
 rule train:
     input:
-        train=f"{DATA}/train.npy",
-        tokenizer=f"{DATA}/tokenizer.json",
+        unpack(get_train_data),
     output:
         run=f"{RUN}/run.json",
         metrics=f"{RUN}/train_metrics.parquet",
@@ -17,7 +16,7 @@ rule train:
         f"{BENCHMARKS}/train/{RUN_KEY}.tsv"
     params:
         study=STUDY_FILE,
-        data=input_dir("train"),
+        data=input_dir("tokenizer"),
         run_dir=output_dir("run"),
         resume_dir=RESUME,
         run_hash=get_run_hash,

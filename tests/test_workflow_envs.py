@@ -1,0 +1,72 @@
+"""envs/*.yaml (for --software-deployment-method conda) mirror pyproject.toml's dependencies."""
+
+import re
+
+import pytest
+import yaml
+
+from workflow_helpers import REPO
+
+tomllib = pytest.importorskip("tomllib")
+
+# conda-forge names of the PyPI packages whose names differ
+CONDA_NAMES = {"torch": "pytorch", "duckdb": "python-duckdb"}
+# Snakemake runs the workflow; the jobs' environments do not need it
+NOT_IN_ENVS = {"snakemake"}
+REQUIREMENT = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*(.*?)\s*$")
+
+
+def requirements(lines) -> dict[str, str]:
+    """{name: version spec} of requirement strings like 'numpy>=1.26'."""
+    parsed = {}
+    for line in lines:
+        name, spec = REQUIREMENT.match(line).groups()
+        parsed[name.lower()] = spec.replace(" ", "")
+    return parsed
+
+
+def pyproject_dependencies() -> dict[str, str]:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    deps = requirements(project["dependencies"])
+    return {CONDA_NAMES.get(n, n): s for n, s in deps.items() if n not in NOT_IN_ENVS}
+
+
+def env_dependencies(path) -> dict[str, str]:
+    env = yaml.safe_load(path.read_text())
+    assert "conda-forge" in env["channels"], path
+    listed = [d for d in env["dependencies"] if isinstance(d, str)]
+    return {n: s for n, s in requirements(listed).items() if n not in ("python", "pip")}
+
+
+ENVS = sorted((REPO / "envs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ENVS, ids=lambda p: p.name)
+def test_env_pins_what_pyproject_pins(path):
+    wanted = pyproject_dependencies()
+    for name, spec in env_dependencies(path).items():
+        assert name in wanted, f"{path.name}: {name} is not a dependency in pyproject.toml"
+        assert spec == wanted[name], f"{path.name}: {name}{spec}, pyproject.toml says {wanted[name]}"
+
+
+def test_envs_cover_every_dependency():
+    covered = set().union(*(env_dependencies(p) for p in ENVS))
+    missing = set(pyproject_dependencies()) - covered
+    assert not missing, f"in pyproject.toml but in no envs/*.yaml: {sorted(missing)}"
+
+
+def test_python_versions_agree():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for path in ENVS:
+        env = yaml.safe_load(path.read_text())
+        assert f"python{project['requires-python']}" in env["dependencies"], path.name
+
+
+def test_every_rule_names_an_existing_env():
+    rules = sorted((REPO / "workflow/rules").glob("*.smk"))
+    named = set()
+    for rule_file in rules:
+        named.update(re.findall(r'conda:\s*\n\s*"([^"]+)"', rule_file.read_text()))
+    assert named, "no rule has a conda environment"
+    for env in named:
+        assert (REPO / "workflow/rules" / env).resolve().is_file(), env
