@@ -101,6 +101,8 @@ def test_train_resources_follow_the_study(workdir):
     assert result.returncode == 0, output_of(result)
     text = output_of(result)
     train_blocks = [b for b in text.split("\n\n") if "rule train:" in b]
-    assert train_blocks and all("gpu=1" in b and "--threads 2" in b for b in train_blocks)
+    threads = load_study(REPO / "workflow/studies/paper.yaml")["workflow"]["threads"]["train"]
+    assert train_blocks and all("gpu=1" in b and f"--threads {min(threads, 8)}" in b
+                                for b in train_blocks)
     default = snakemake(workdir, "--dry-run")
     assert all("gpu=0" in b for b in output_of(default).split("\n\n") if "rule train:" in b)

@@ -236,8 +236,13 @@ def mem_mb_for(stage):
     return SCHEDULE["mem_mb"][stage]
 
 
+def within_limit(minutes):
+    limit = SCHEDULE["runtime_limit"]
+    return minutes if limit is None else min(minutes, limit)
+
+
 def runtime_for(stage):
-    return SCHEDULE["runtime"][stage]
+    return within_limit(SCHEDULE["runtime"][stage])
 
 
 def get_train_gpus(wildcards):
@@ -247,9 +252,11 @@ def get_train_gpus(wildcards):
 
 
 def get_train_mem_mb(wildcards):
-    """Memory of a train job: weights, gradients and two Adam moments (16 bytes a parameter),
-    fp32 activations of one micro-batch (about 70 d + 10 heads T bytes per token and layer,
-    after Korthikanti et al. 2022) and the logits with their gradient, times 1.5, plus 2 GB."""
+    """Host memory of a train job. On CPU: weights, gradients and two Adam moments (16 bytes a
+    parameter), the fp32 activations of one micro-batch (about 88 d + 4 heads T bytes per token
+    and layer) and the logits with their gradients, times 1.5, plus 2 GB. On a GPU these live in
+    GPU memory; the host holds the process, data loading and checkpoint copies: 16 GB plus 32
+    bytes a parameter."""
     if SCHEDULE["mem_mb"]["train"] is not None:
         return SCHEDULE["mem_mb"]["train"]
     run = get_run(wildcards)
@@ -257,10 +264,13 @@ def get_train_mem_mb(wildcards):
     seq, vocab, d, layers = run["data"]["seq_len"], m["vocab_size"], m["d_model"], m["n_layers"]
     kv = m["n_kv_heads"] * d // m["n_heads"]
     params = 2 * vocab * d + layers * (2 * d * d + 2 * d * kv + 3 * d * m["ffn_hidden"])
-    tokens = t["batch_size"] // t["grad_accum"] * seq
-    activations = tokens * layers * (70 * d + 10 * m["n_heads"] * seq)
-    logits = 3 * 4 * tokens * vocab
-    total = 1.5 * (16 * params + activations + logits) / 1e6 + 2000
+    if get_train_gpus(wildcards):
+        total = 16000 + 32 * params / 1e6
+    else:
+        tokens = t["batch_size"] // t["grad_accum"] * seq
+        activations = tokens * layers * (88 * d + 4 * m["n_heads"] * seq)
+        logits = 3 * 4 * tokens * vocab
+        total = 1.5 * (16 * params + activations + logits) / 1e6 + 2000
     return int(math.ceil(total / 1000) * 1000)
 
 
@@ -268,9 +278,9 @@ def get_train_runtime(wildcards):
     """Minutes for a train job: its model FLOPs (DESIGN 5) at the configured FLOP/s, doubled,
     plus 10 minutes for start-up, checkpoints and a resume."""
     if SCHEDULE["runtime"]["train"] is not None:
-        return SCHEDULE["runtime"]["train"]
+        return within_limit(SCHEDULE["runtime"]["train"])
     run = get_run(wildcards)
     t, seq = run["training"], run["data"]["seq_len"]
     flops = model_flops_per_token(ModelConfig(**run["model"]), seq) * t["steps"] * t["batch_size"] * seq
     device = "cuda" if get_train_gpus(wildcards) else "cpu"
-    return int(math.ceil(2 * flops / SCHEDULE["flops_per_second"][device] / 60)) + 10
+    return within_limit(int(math.ceil(2 * flops / SCHEDULE["flops_per_second"][device] / 60)) + 10)
