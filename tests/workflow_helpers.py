@@ -26,6 +26,8 @@ def snakemake(workdir: Path, *args: str, env: dict | None = None, timeout: float
     command = (runner or [sys.executable, "-m", "snakemake"]) + [
         "--snakefile", str(SNAKEFILE), "--directory", str(workdir), *args]
     environment = {**os.environ, **(env or {})}
+    # jobs run `python -m relora`: the interpreter running the tests, even from an unactivated venv
+    environment["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), environment["PATH"]])
     environment.pop("SNAKEMAKE_PROFILE", None)
     return subprocess.run(command, cwd=workdir, env=environment, capture_output=True, text=True,
                           timeout=timeout)

@@ -55,8 +55,15 @@ BENCHMARKS = f"{RESULTS}/benchmarks"
 STUDY_FILE = f"{RESULTS}/study.yaml"
 
 
+class StudyDumper(yaml.SafeDumper):
+    """Writes a mapping shared by several keys (a YAML anchor in the study) out in full."""
+
+    def ignore_aliases(self, data):
+        return True
+
+
 def write_study_file(study, path):
-    text = yaml.safe_dump(study, sort_keys=False)
+    text = yaml.dump(study, Dumper=StudyDumper, sort_keys=False)
     if os.path.exists(path):
         with open(path) as f:
             if f.read() == text:
