@@ -104,5 +104,9 @@ def test_train_resources_follow_the_study(workdir):
     threads = load_study(REPO / "workflow/studies/paper.yaml")["workflow"]["threads"]["train"]
     assert train_blocks and all("gpu=1" in b and f"--threads {min(threads, 8)}" in b
                                 for b in train_blocks)
+    for rule, gpus in (("evaluate", 1), ("dynamics", 0), ("aggregate", None)):
+        blocks = [b for b in text.split("\n\n") if f"rule {rule}:" in b]
+        assert blocks and all((f"gpu={gpus}" in b) if gpus is not None else ("gpu=" not in b)
+                              for b in blocks), rule
     default = snakemake(workdir, "--dry-run")
     assert all("gpu=0" in b for b in output_of(default).split("\n\n") if "rule train:" in b)

@@ -23,6 +23,7 @@ rule dynamics:
     resources:
         mem_mb=mem_mb_for("dynamics"),
         runtime=runtime_for("dynamics"),
+        gpu=gpus_for("dynamics"),
     conda:
         "../../envs/train.yaml"
     shell:

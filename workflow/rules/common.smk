@@ -253,9 +253,13 @@ def runtime_for(stage):
 
 
 def get_train_gpus(wildcards):
-    if SCHEDULE["train_gpus"] is not None:
-        return SCHEDULE["train_gpus"]
+    if SCHEDULE["gpus"]["train"] is not None:
+        return SCHEDULE["gpus"]["train"]
     return 0 if get_run(wildcards)["training"]["device"] == "cpu" else 1
+
+
+def gpus_for(stage):
+    return SCHEDULE["gpus"][stage]
 
 
 def get_train_mem_mb(wildcards):

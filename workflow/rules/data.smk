@@ -38,7 +38,7 @@ rule tokenizer:
         "../../envs/data.yaml"
     shell:
         "python -m relora tokenizer --config {params.study} --corpus {input.corpus}"
-        " --out {output.tokenizer} > {log} 2>&1"
+        " --out {output.tokenizer} --threads {threads} > {log} 2>&1"
 
 
 rule tokenize:
@@ -62,7 +62,7 @@ rule tokenize:
         "../../envs/data.yaml"
     shell:
         "python -m relora tokenize --config {params.study} --corpus {input.corpus}"
-        " --tokenizer {input.tokenizer} --out {params.data} > {log} 2>&1"
+        " --tokenizer {input.tokenizer} --out {params.data} --threads {threads} > {log} 2>&1"
 
 
 rule probe:

@@ -25,6 +25,7 @@ rule evaluate:
     resources:
         mem_mb=mem_mb_for("evaluate"),
         runtime=runtime_for("evaluate"),
+        gpu=gpus_for("evaluate"),
     conda:
         "../../envs/train.yaml"
     shell:
