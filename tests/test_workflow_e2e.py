@@ -111,3 +111,10 @@ def test_snakemake_report_has_the_figures(e2e_study, copied_study):
     names = zipfile.ZipFile(workdir / "snakemake_report.zip").namelist()
     assert any(n.endswith("train_loss.png") for n in names), names[:20]
     assert any(n.endswith("report.html") and "/data/raw/" in n for n in names), names[:20]
+
+
+def test_report_settings_redraw_without_reaggregating(copied_study, tmp_path):
+    workdir, study = copied_study
+    study["report"] = {"title": "Another title"}
+    counts = job_counts(dry_run_with(workdir, study, tmp_path))
+    assert set(counts) == {"figures", "report", "all"}, counts

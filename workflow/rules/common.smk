@@ -154,8 +154,14 @@ def get_dynamics_hash(wildcards):
     return config_hash(get_run_hash(wildcards), analysis)
 
 
+def get_aggregate_hash(wildcards):
+    """The database reads the whole study (reference condition, confidence, BLiMP reference
+    accuracies...), except how it is scheduled and how it is drawn."""
+    return config_hash({k: v for k, v in STUDY.items() if k not in ("workflow", "report")})
+
+
 def get_results_hash(wildcards):
-    """Aggregation, figures and report read the whole study, except how it is scheduled."""
+    """Figures and report read the whole study, except how it is scheduled."""
     return config_hash({k: v for k, v in STUDY.items() if k != "workflow"})
 
 

@@ -12,7 +12,7 @@ rule aggregate:
     params:
         study=STUDY_FILE,
         runs=get_run_dirs,
-        results_hash=get_results_hash,
+        aggregate_hash=get_aggregate_hash,
     threads: threads_for("results")
     resources:
         mem_mb=mem_mb_for("results"),
