@@ -62,9 +62,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in fp32 whatever the autocast dtype, as the reference does
-        x_fp32 = x.float()
-        normed = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # normalise in fp32 whatever the autocast dtype, as the reference does; F.rms_norm is
+        # x * rsqrt(mean(x^2) + eps) in one fused kernel (bitwise the same as the four ops)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return normed.type_as(x) * self.weight
 
 
@@ -76,11 +76,15 @@ def rope_tables(head_dim: int, seq_len: int, theta: float, device=None):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate adjacent pairs (x[..., 2i], x[..., 2i+1]) of x (B, n, T, hs) in fp32."""
-    x_pairs = x.float().unflatten(-1, (-1, 2))  # (B, n, T, hs/2, 2)
-    x_even, x_odd = x_pairs.unbind(-1)
-    rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    """Rotate adjacent pairs (x[..., 2i], x[..., 2i+1]) of x (B, n, T, hs) in fp32:
+    (x_2i cos - x_2i+1 sin, x_2i sin + x_2i+1 cos), written as x * (cos, cos) + swap(x) * (-sin, sin)
+    with the tables interleaved to (T, hs): three passes over x instead of the seven of
+    unbind/multiply/stack, and bitwise the same result."""
+    cos_hs = cos.repeat_interleave(2, dim=-1)  # (T, hs): cos_i, cos_i
+    sin_hs = torch.stack((-sin, sin), dim=-1).flatten(-2)  # (T, hs): -sin_i, sin_i
+    x_fp32 = x.float()
+    swapped = x_fp32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (B, n, T, hs): x_2i+1, x_2i
+    return (x_fp32 * cos_hs + swapped * sin_hs).type_as(x)
 
 
 class Attention(nn.Module):
@@ -98,12 +102,56 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.n_kv_heads != self.n_heads:
-            # query head h reads key/value head h // (nh / nkv), as LLaMA's repeat_kv
-            repeats = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        y = causal_attention(q, k, v)  # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def causal_attention(q, k, v):
+    """softmax(q k^T / sqrt(hs) + causal mask) v, query head h reading key/value head
+    h // (nh / nkv) as LLaMA's repeat_kv. q (B, nh, T, hs), k and v (B, nkv, T, hs).
+
+    PyTorch's fused (flash) kernel, except on CPU for small heads (hs <= 16: the default
+    study's hs of 4 and 8) and short contexts, where its blocking overhead makes attention half
+    of a training step and materialising the (T, T) scores is cheaper (SmallHeadAttention)."""
+    hs, T = q.shape[-1], q.shape[-2]
+    if q.device.type == "cpu" and hs <= 16 and T <= 512 and not torch.is_autocast_enabled("cpu"):
+        return SmallHeadAttention.apply(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+
+
+class SmallHeadAttention(torch.autograd.Function):
+    """Causal GQA attention with explicit (T, T) scores and the softmax gradient of
+    FlashAttention (Dao et al. 2022): dS = P * (dP - rowsum(dO * O)). The r = nh / nkv query
+    heads of one key/value head are stacked along time, so k and v are never repeated."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        B, nh, T, hs = q.shape
+        nkv = k.shape[1]
+        r = nh // nkv
+        q = q.reshape(B * nkv, r * T, hs)  # heads g*r .. g*r+r-1 read kv head g
+        k, v = k.reshape(B * nkv, T, hs), v.reshape(B * nkv, T, hs)
+        mask = torch.full((T, T), float("-inf"), device=q.device).triu(1).repeat(r, 1)  # (r*T, T)
+        scale = 1.0 / math.sqrt(hs)
+        p = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=scale).softmax(-1)  # (B*nkv, r*T, T)
+        out = torch.bmm(p, v)  # (B*nkv, r*T, hs)
+        ctx.save_for_backward(q, k, v, p, out)
+        ctx.scale = scale
+        return out.view(B, nh, T, hs)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, p, out = ctx.saved_tensors
+        B, nh, T, hs = grad_out.shape
+        grad_out = grad_out.reshape(out.shape)
+        grad_v = torch.bmm(p.transpose(1, 2), grad_out)  # (B*nkv, T, hs)
+        grad_p = torch.bmm(grad_out, v.transpose(1, 2))  # (B*nkv, r*T, T)
+        # softmax backward: rowsum(dP * P) = rowsum(dO * O), a sum over hs instead of over T
+        grad_s = grad_p.sub_((grad_out * out).sum(-1, keepdim=True)).mul_(p)
+        grad_q = torch.bmm(grad_s, k).mul_(ctx.scale)  # (B*nkv, r*T, hs)
+        grad_k = torch.bmm(grad_s.transpose(1, 2), q).mul_(ctx.scale)  # (B*nkv, T, hs)
+        nkv = grad_k.shape[0] // B
+        return (grad_q.view(B, nh, T, hs), grad_k.view(B, nkv, T, hs), grad_v.view(B, nkv, T, hs))
 
 
 class SwiGLU(nn.Module):

@@ -141,6 +141,27 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# --- memory -----------------------------------------------------------------------------------
+
+def retain_freed_memory() -> bool:
+    """Keep freed memory in the process (glibc only; True when applied).
+
+    glibc serves blocks of 32 MiB or more (the logits, their gradient) with mmap and unmaps them
+    when freed, so every step faults them back in page by page, zeroed by the kernel; keeping
+    them (no mmap for large blocks, no trimming of the heap) saved about 15% of a CPU training
+    step (benchmarks/run.py measures it). Equivalent to MALLOC_MMAP_MAX_=0 and
+    MALLOC_TRIM_THRESHOLD_=-1 in the environment; the process's peak memory is unchanged.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, -1))
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return False
+
+
 # --- state ------------------------------------------------------------------------------------
 
 def rng_state(device: torch.device) -> dict:
@@ -177,6 +198,8 @@ class Trainer:
         if threads:
             torch.set_num_threads(threads)
         self.device = resolve_device(self.training["device"])
+        if self.device.type == "cpu":
+            retain_freed_memory()
         self.rank, self.world = distributed_setup(self.device)
         self.is_main = self.rank == 0
         self.progress = sys.stderr.isatty() if progress is None else progress
