@@ -88,8 +88,9 @@ def test_invalid_study_fails_before_any_job_naming_the_key(workdir, tmp_path_fac
     assert not (workdir / "results").exists()
 
 
-def test_lint_is_clean(workdir):
-    result = snakemake(workdir, "--lint")
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
+def test_lint_is_clean(workdir, path):
+    result = snakemake(workdir, "--lint", "--configfile", str(path))
     assert result.returncode == 0, output_of(result)
     assert "Lints for" not in output_of(result), output_of(result)
 
