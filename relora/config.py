@@ -15,7 +15,6 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from .model import ModelConfig, pad_vocab
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "w_0", "w_1", "w_2")
@@ -142,6 +141,10 @@ def load_study(config, overrides: list[str] | None = None, source: str | None = 
 
 
 def model_config(study: dict, size: str) -> ModelConfig:
+    # imported here: the resolver (the Snakefile, `relora --help`, the data and results
+    # stages) then runs without importing torch, which is most of a second per process
+    from .model import ModelConfig, pad_vocab
+
     spec = study["sizes"][size]
     return ModelConfig(
         vocab_size=pad_vocab(study["data"]["tokenizer"]["vocab_size"]),
