@@ -20,7 +20,6 @@ RELORA_SOURCE = shlex.quote(workflow.basedir)
 shell.prefix("export PYTHONPATH={RELORA_SOURCE}${{PYTHONPATH:+:$PYTHONPATH}}; ")
 
 from relora.config import ConfigError, load_study, resolve_run, run_config_hash, runs
-from relora.model import ModelConfig, model_flops_per_token
 
 
 # --- the study -------------------------------------------------------------------------------
@@ -296,6 +295,8 @@ def get_train_runtime(wildcards):
     plus 10 minutes for start-up, checkpoints and a resume."""
     if SCHEDULE["runtime"]["train"] is not None:
         return within_limit(SCHEDULE["runtime"]["train"])
+    from relora.model import ModelConfig, model_flops_per_token
+
     run = get_run(wildcards)
     t, seq = run["training"], run["data"]["seq_len"]
     flops = model_flops_per_token(ModelConfig(**run["model"]), seq) * t["steps"] * t["batch_size"] * seq
