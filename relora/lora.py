@@ -32,7 +32,7 @@ def dropout_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     and a saved torch RNG state still determine every mask. Kept when the 32-bit integer is at
     or above the threshold: P(keep) = 1 - p to within 2^-32 (torch.rand's floats: 2^-24).
     """
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or torch.compiler.is_compiling():  # numpy cannot be traced
         return torch.rand(x.shape, device=x.device) >= p
     seed = int(torch.randint(0, 2**62, (1,)))
     n = x.numel()

@@ -111,10 +111,12 @@ def causal_attention(q, k, v):
     h // (nh / nkv) as LLaMA's repeat_kv. q (B, nh, T, hs), k and v (B, nkv, T, hs).
 
     PyTorch's fused (flash) kernel, except on CPU for small heads (hs <= 16: the default
-    study's hs of 4 and 8) and short contexts, where its blocking overhead makes attention half
-    of a training step and materialising the (T, T) scores is cheaper (SmallHeadAttention)."""
+    study's 4 and 8), where the kernel's blocking overhead makes attention half of a training
+    step and materialising the (T, T) scores is cheaper (SmallHeadAttention); up to T = 256,
+    since the scores of every layer are kept for the backward pass (12.6 MB a layer at the
+    default study's batch of 16 x 128 tokens)."""
     hs, T = q.shape[-1], q.shape[-2]
-    if q.device.type == "cpu" and hs <= 16 and T <= 512 and not torch.is_autocast_enabled("cpu"):
+    if q.device.type == "cpu" and hs <= 16 and T <= 256 and not torch.is_autocast_enabled("cpu"):
         return SmallHeadAttention.apply(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
 
@@ -131,7 +133,8 @@ class SmallHeadAttention(torch.autograd.Function):
         r = nh // nkv
         q = q.reshape(B * nkv, r * T, hs)  # heads g*r .. g*r+r-1 read kv head g
         k, v = k.reshape(B * nkv, T, hs), v.reshape(B * nkv, T, hs)
-        mask = torch.full((T, T), float("-inf"), device=q.device).triu(1).repeat(r, 1)  # (r*T, T)
+        mask = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu(1)  # (T, T)
+        mask = mask.repeat(r, 1)  # (r*T, T): row j*T + t is query position t
         scale = 1.0 / math.sqrt(hs)
         p = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=scale).softmax(-1)  # (B*nkv, r*T, T)
         out = torch.bmm(p, v)  # (B*nkv, r*T, hs)
@@ -178,6 +181,47 @@ class Block(nn.Module):
         return x + self.swiglu(self.swiglu_norm(x))
 
 
+class LMHeadCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the fp32 logits h W^T over the targets that are not -100, without
+    the (tokens, vocab) logits ever existing whole (67 MB at the default study's batch, 3.3 GB
+    at the paper's micro-batch of 8 x 2048): rows go in chunks, and each chunk's logit gradient,
+    softmax - one_hot, becomes its share of dL/dh and dL/dW at once (the fused linear
+    cross-entropy of Liger-Kernel, Hsu et al. 2024). h (N, C), W (V, C), targets (N,)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, with_grad: bool):
+        device = h.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+        h_mm, w_mm = h.to(dtype), weight.to(dtype)
+        predicted = targets != -100
+        n = predicted.sum().clamp(min=1)
+        rows = max(1, (2**21 if device == "cpu" else 2**27) // weight.shape[0])  # 8 MB of CPU logits
+        loss = torch.zeros((), device=h.device)
+        grad_h = torch.empty_like(h_mm) if with_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if with_grad else None
+        with torch.autocast(device, enabled=False):
+            for start in range(0, h.shape[0], rows):
+                h_c, t, keep = h_mm[start:start + rows], targets[start:start + rows], predicted[start:start + rows]
+                logits = (h_c @ w_mm.t()).float()  # (rows, V)
+                lse = torch.logsumexp(logits, dim=-1)  # (rows,)
+                target_logit = logits.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
+                loss += torch.where(keep, lse - target_logit, 0.0).sum()
+                if with_grad:  # d loss / d logits = (softmax - one_hot) / n on predicted rows
+                    grad = logits.sub_(lse[:, None]).exp_()
+                    grad[torch.arange(len(t), device=t.device), t.clamp(min=0)] -= 1.0
+                    grad.mul_((keep / n)[:, None])
+                    grad = grad.to(dtype)
+                    grad_h[start:start + rows] = grad @ w_mm  # (rows, C)
+                    grad_w += (grad.t() @ h_c).float()  # (V, C)
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss, grad_w * grad_loss, None, None
+
+
 class PicoDecoder(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -190,9 +234,11 @@ class PicoDecoder(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, idx, return_hidden: bool = False):
+    def forward(self, idx, return_hidden: bool = False, targets=None):
         """idx (B, T) token ids -> fp32 logits (B, T, vocab); with return_hidden also the
-        residual stream after every block, a list of n_layers tensors (B, T, C)."""
+        residual stream after every block, a list of n_layers tensors (B, T, C). With targets
+        (B, T) (-100: not predicted) the mean next-token cross-entropy instead of the logits,
+        computed without materialising them (LMHeadCrossEntropy)."""
         B, T = idx.shape
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.config.max_seq_len}")
@@ -203,13 +249,16 @@ class PicoDecoder(nn.Module):
             x = block(x, cos, sin)
             if return_hidden:
                 hidden.append(x)
-        logits = self.de_embedding_proj(self.output_norm(x)).float()  # (B, T, vocab)
+        x = self.output_norm(x)
+        if targets is not None:
+            with_grad = torch.is_grad_enabled() and (x.requires_grad or self.de_embedding_proj.weight.requires_grad)
+            return LMHeadCrossEntropy.apply(x.flatten(0, 1), self.de_embedding_proj.weight, targets.flatten(), with_grad)
+        logits = self.de_embedding_proj(x).float()  # (B, T, vocab)
         return (logits, hidden) if return_hidden else logits
 
     def loss(self, idx, targets):
         """Mean next-token cross-entropy; targets (B, T), -100 marks positions not predicted."""
-        logits = self(idx)
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return self(idx, targets=targets)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

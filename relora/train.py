@@ -329,8 +329,8 @@ class Trainer:
             chunk = tokens[micro * self.micro_batch:(micro + 1) * self.micro_batch]
             sync = nullcontext() if (self.world == 1 or micro == accum - 1) else self.ddp_model.no_sync()
             with sync, autocast:
-                logits = self.forward_model(chunk[:, :-1])
-                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten())
+                # the model's fused LM head + cross-entropy: no (tokens, vocab) logits in memory
+                loss = self.forward_model(chunk[:, :-1], targets=chunk[:, 1:])
             (loss / accum).backward()
             loss_sum += loss.detach()
         loss_value = loss_sum / accum

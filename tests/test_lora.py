@@ -119,3 +119,37 @@ def test_shared_dropout_uses_one_mask_per_input():
 def test_rank_larger_than_the_matrix_is_refused():
     with pytest.raises(ValueError, match="rank 30"):
         LoRALinear(24, 96, rank=30, alpha=1.0)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_lora_function_matches_the_plain_formula(dropout):
+    """LoRAFunction (addmm-fused) computes x W^T + scale * dropout(x) A^T B^T and its gradients."""
+    from relora.lora import LoRAFunction, dropout_keep_mask
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 24, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(40, 24, dtype=torch.float64)
+    A = torch.randn(4, 24, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(40, 4, dtype=torch.float64, requires_grad=True)
+    keep = dropout_keep_mask(x, dropout) if dropout else None
+    x_adapter = x * keep if dropout else x
+    scale = 2.0 / (1 - dropout)
+    got = LoRAFunction.apply(x, x_adapter, W, A, B, scale)
+    expected = x @ W.T + scale * ((x * keep if dropout else x) @ A.T) @ B.T
+    torch.testing.assert_close(got, expected)
+    grad = torch.randn_like(got)
+    for g, e in zip(torch.autograd.grad(got, (x, A, B), grad), torch.autograd.grad(expected, (x, A, B), grad)):
+        torch.testing.assert_close(g, e)
+
+
+def test_dropout_keep_mask_rate_and_seed():
+    from relora.lora import dropout_keep_mask
+
+    x = torch.empty(1000, 1000)
+    torch.manual_seed(0)
+    first = dropout_keep_mask(x, 0.1)
+    assert first.dtype == torch.bool and first.shape == x.shape
+    assert abs(first.float().mean().item() - 0.9) < 0.002  # 1e6 draws: sd 3e-4
+    torch.manual_seed(0)
+    assert torch.equal(dropout_keep_mask(x, 0.1), first)  # torch's seed determines the mask
+    assert not torch.equal(dropout_keep_mask(x, 0.1), first)  # and it advances torch's generator
