@@ -28,6 +28,11 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint or resume state could not be written (a full disk, a quota); the message
+    names the file, and the previous checkpoints and state are left as they were."""
+
+
 def build_model(model: dict | ModelConfig, method: dict) -> PicoDecoder:
     """A PicoDecoder for a model config, with adapters in place when the method is ReLoRA."""
     config = model if isinstance(model, ModelConfig) else ModelConfig(**model)
@@ -46,12 +51,17 @@ def save_checkpoint(model: torch.nn.Module, step_dir: Path, model_config: dict, 
     step_dir = Path(step_dir)
     tmp = step_dir.with_name(f".{step_dir.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(state, tmp / WEIGHTS)
-    meta = {"model": model_config, "method": method, "step": step,
-            "sha256": sha256_file(tmp / WEIGHTS), **(extra or {})}
-    (tmp / CONFIG).write_text(json.dumps(meta, indent=2))
+    try:
+        tmp.mkdir(parents=True)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        save_file(state, tmp / WEIGHTS)
+        meta = {"model": model_config, "method": method, "step": step,
+                "sha256": sha256_file(tmp / WEIGHTS), **(extra or {})}
+        (tmp / CONFIG).write_text(json.dumps(meta, indent=2))
+    except Exception as e:  # OSError, or safetensors' error wrapping one (a full disk)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(f"{step_dir}: could not write the checkpoint ({e}); "
+                                   "the checkpoints written before are unchanged") from e
     if step_dir.exists():
         shutil.rmtree(step_dir)
     os.replace(tmp, step_dir)
@@ -66,6 +76,16 @@ def read_checkpoint_meta(step_dir: Path) -> dict:
         raise CheckpointError(f"{path}: checkpoint config not found") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def verify_weights(step_dir: Path) -> None:
+    """Check the weights of a checkpoint against the sha256 in its config.json (a checkpoint
+    without one, e.g. a Hugging Face download, is not checked): a command that reads many
+    checkpoints calls this for all of them before computing anything from the first."""
+    meta = read_checkpoint_meta(step_dir)
+    weights = Path(step_dir) / WEIGHTS
+    if meta.get("sha256") and weights.is_file() and sha256_file(weights) != meta["sha256"]:
+        raise CheckpointError(f"{weights}: sha256 differs from {CONFIG} (truncated or altered checkpoint)")
 
 
 def load_checkpoint(step_dir: Path, device: str | torch.device = "cpu", verify: bool = True):

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args) or 0
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, OSError, ValueError) as e:  # OSError: a missing file, a full disk...
         print(f"relora {args.command}: error: {e}", file=sys.stderr)
         return 2
 

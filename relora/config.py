@@ -81,6 +81,23 @@ def validate_schema(study: dict, source: str = "config", schema: dict | None = N
         raise ConfigError("invalid study config\n  " + "\n  ".join(lines))
 
 
+def yaml_load(text_or_file):
+    """yaml.safe_load, but reading numbers as YAML 1.2 does: PyYAML (YAML 1.1) reads `1e3` and
+    `3e4`, with no sign in the exponent or no dot, as strings, so `--set training.lr=1e3` would
+    fail the schema with a puzzling "'1e3' is not of type 'number'"."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+    return yaml.load(text_or_file, Loader=Loader)
+
+
 def deep_merge(base: dict, override: dict) -> dict:
     """A copy of base with override's keys replaced, recursing into nested dicts."""
     merged = copy.deepcopy(base)
@@ -94,8 +111,6 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 def apply_overrides(study: dict, assignments: list[str], source: str = "--set") -> dict:
     """Apply `dotted.key=value` assignments (values parsed as YAML) to a copy of a study."""
-    import yaml
-
     study = copy.deepcopy(study)
     for assignment in assignments or []:
         if "=" not in assignment:
@@ -107,7 +122,7 @@ def apply_overrides(study: dict, assignments: list[str], source: str = "--set") 
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{source}: '{key}' descends into a non-mapping at '{part}'")
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = yaml_load(raw)
     return study
 
 
@@ -119,7 +134,7 @@ def load_study(config, overrides: list[str] | None = None, source: str | None = 
         source = source or str(config)
         try:
             with open(config) as f:
-                study = yaml.safe_load(f)
+                study = yaml_load(f)
         except FileNotFoundError:
             raise ConfigError(f"{config}: study config not found") from None
         except yaml.YAMLError as e:
@@ -130,6 +145,10 @@ def load_study(config, overrides: list[str] | None = None, source: str | None = 
         raise ConfigError(f"{source}: a study config must be a mapping, got {type(study).__name__}")
     study = apply_overrides(study, overrides or [])
     validate_schema(study, source)
+    reference = (study.get("analysis") or {}).get("reference_condition")  # before the default
+    if reference is not None and reference not in study["conditions"]:
+        raise ConfigError(f"{source}: analysis.reference_condition: '{reference}' is not a condition of the "
+                          f"study (conditions: {', '.join(study['conditions'])})")
     study = fill_defaults(study, load_schema())
     # a condition's training overrides are validated merged onto the study's training
     for name, condition in study["conditions"].items():
@@ -180,6 +199,10 @@ def check_semantics(study: dict, source: str) -> None:
         if training["batch_size"] % training["grad_accum"]:
             raise ConfigError(f"{key}: training.batch_size {training['batch_size']} is not divisible "
                               f"by grad_accum {training['grad_accum']}")
+        schedule = training["schedule"]
+        if schedule["name"] != "constant" and schedule["warmup"] > schedule["horizon"]:
+            raise ConfigError(f"{key}: training.schedule.warmup {schedule['warmup']} is longer than the "
+                              f"schedule's horizon {schedule['horizon']} (null: training.steps)")
         if method["name"] != "relora":
             continue
         steps, period = training["steps"], method["reset_every"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 PALETTE = ["#4c78a8", "#f58518", "#e45756", "#72b7b2", "#54a24b", "#eeca3b", "#b279a2",
@@ -522,12 +521,10 @@ def _finish(chart):
 
 
 def _write_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if isinstance(data, str):
-        tmp.write_text(data, encoding="utf-8")
-    else:
-        tmp.write_bytes(data)
-    os.replace(tmp, path)
+    """Temporary name, then rename (relora.io): a killed or failed write leaves the old figure."""
+    from .io import atomic_write_bytes, atomic_write_text
+
+    (atomic_write_text if isinstance(data, str) else atomic_write_bytes)(path, data)
 
 
 def chart_spec(chart, ctx: Context | None = None) -> dict:

@@ -17,6 +17,7 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .io import atomic_write_text
 from .plots import DEFAULT_HEADLINE, METRIC_LABELS
 
 CSS = """
@@ -285,14 +286,7 @@ def write_report(db, figures_dir=None, config=None, manifest=None, out="report.h
     """Write the report atomically (temporary file, then rename); return its path."""
     out = Path(out)
     text = build_report(db, figures_dir, config, manifest, out, title)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return atomic_write_text(out, text)  # temporary name, then rename: never a torn report
 
 
 __all__ = ["DEFAULT_HEADLINE", "build_report", "write_report"]

@@ -31,8 +31,9 @@ import torch
 import torch.distributed as dist
 
 from . import __version__
-from .checkpoint import build_model, save_checkpoint
+from .checkpoint import CheckpointWriteError, build_model, save_checkpoint
 from .config import run_config_hash
+from .data.manifest import verify_inputs
 from .io import atomic_path, atomic_write_text
 from .lora import merge_and_reinit, wrap_with_lora
 from .model import count_parameters
@@ -98,6 +99,12 @@ def load_train_tokens(data_dir: Path, vocab_size: int) -> np.ndarray:
     path = Path(data_dir) / "train.npy"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: training tokens not found")
+    # size and sha256 against the data manifest, once per process, before a step is taken
+    # (hashing reads the file once: seconds per GB, against hours of training on it)
+    manifest = verify_inputs(data_dir, ["train.npy"])
+    if manifest and manifest.get("vocab_size") not in (None, vocab_size):
+        raise ValueError(f"{Path(data_dir) / 'manifest.json'}: the data was tokenized with a vocabulary of "
+                         f"{manifest['vocab_size']} tokens, the run's data.tokenizer.vocab_size is {vocab_size}")
     try:
         tokens = np.load(path, mmap_mode="r")
     except ValueError as e:
@@ -178,9 +185,14 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def save_state(path: Path, payload: dict) -> None:
-    """torch.save to a temporary name, then rename: a kill never leaves a torn state file."""
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    """torch.save to a temporary name, then rename: a kill never leaves a torn state file, and a
+    failed write (a full disk) leaves the previous state as it was."""
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+    except Exception as e:  # OSError, or torch's RuntimeError "file write failed"
+        raise CheckpointWriteError(f"{path}: could not save the resume state ({e}); "
+                                   "the previous state is unchanged") from e
 
 
 def event_generator(seed: int, step: int, salt: int) -> torch.Generator:
@@ -281,6 +293,12 @@ class Trainer:
             log.warning("%s: saved under another run config (%s, now %s); discarding it",
                         path, state.get("run_config_hash"), self.hash)
             return False
+        missing = [k for k in sorted(self.checkpoint_steps) if k <= state["step"]
+                   and not (self.resume_dir / "checkpoints" / f"step_{k}" / "config.json").is_file()]
+        if missing:  # e.g. a publish killed while deleting the folder: never publish a gap
+            log.warning("%s: checkpoint(s) %s of the saved state are missing; starting from step 0",
+                        path, missing)
+            return False
         self.step = state["step"]
         if self.is_relora and not self.attach_step == 0 and self._adapters_attached():
             self._attach_adapters()
@@ -343,6 +361,11 @@ class Trainer:
                 f"and checkpoints are in {self.resume_dir}")
         clip = self.training["clip"]
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip if clip else float("inf"))
+        grad_norm = float(grad_norm)  # (the metrics row needs the value anyway)
+        if not math.isfinite(grad_norm):  # a finite loss can still back-propagate inf/nan: stop
+            raise TrainingDiverged(  # before the update writes it into the weights
+                f"gradient norm is {grad_norm} at step {k} (update {k} with lr {lr:.3g}, loss "
+                f"{loss_value:.4g}); the last good state and checkpoints are in {self.resume_dir}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step = k
@@ -438,6 +461,7 @@ class Trainer:
             shutil.copytree(step_dir, target, copy_function=_link_or_copy)
         write_metrics(self.rows, self.run, self.out_dir / "train_metrics.parquet")
         atomic_write_text(self.out_dir / "run.json", json.dumps(record, indent=2))
+        (self.resume_dir / STATE).unlink(missing_ok=True)  # first: a half-deleted folder is never resumed
         shutil.rmtree(self.resume_dir)
         return record
 

@@ -117,10 +117,12 @@ def fetch_pico_checkpoints(repo: str, steps, dest: Path) -> None:
 
 
 def _snapshot_loader(args, run, step):
+    from ..checkpoint import verify_weights
     from ..evaluate import load_snapshot, step_dir
     from ..model import ModelConfig
 
     path = step_dir(args.checkpoints, step)  # raises naming the folder
+    verify_weights(path)  # every checkpoint intact before the first metric is computed
     expected = ModelConfig(**run["model"])
     scale = run["method"].get("scale")
     return lambda: load_snapshot(path, expected=expected, scale=scale)
@@ -138,6 +140,7 @@ def _progress(label: str, total: int):
 
 
 def run_evaluate(args) -> int:
+    from ..data.manifest import verify_inputs
     from ..evaluate import (blimp_scores, load_tokenizer, read_blimp, read_eval_domains, score_documents,
                             write_parquet_atomic)
 
@@ -150,6 +153,7 @@ def run_evaluate(args) -> int:
     batch_tokens = evaluation.get("batch_tokens", 4096)
     max_docs = (evaluation.get("perplexity") or {}).get("max_docs")
     loaders = {step: _snapshot_loader(args, run, step) for step in steps}  # every step exists before work starts
+    verify_inputs(args.data, ["eval/", "blimp/", "tokenizer.json"])  # against the data manifest
     domains = read_eval_domains(args.data / "eval", max_docs)
     pairs = read_blimp(args.data / "blimp")
     encode, eos_id = load_tokenizer(args.data)
@@ -181,6 +185,7 @@ def run_evaluate(args) -> int:
 
 
 def run_dynamics(args) -> int:
+    from ..data.manifest import verify_inputs
     from ..dynamics import analyse_checkpoints, load_probe
     from ..evaluate import write_parquet_atomic
 
@@ -189,6 +194,8 @@ def run_dynamics(args) -> int:
     targets = tuple(analysis.get("targets", ("weight", "gradient", "update", "adapter")))
     cka = analysis.get("cka", True)
     loaders = {step: _snapshot_loader(args, run, step) for step in steps}
+    if "gradient" in targets or cka:
+        verify_inputs(args.data, ["probe.npy"])  # against the data manifest
     probe = load_probe(args.data / "probe.npy") if ("gradient" in targets or cka) else None
     if probe is not None:
         context, vocab = run["model"]["max_seq_len"], run["model"]["vocab_size"]

@@ -144,3 +144,29 @@ def verify_manifest(data_dir: str | os.PathLike, paths: list[str] | None = None,
         if hashes and sha256_file(path) != entry["sha256"]:
             raise ManifestError(f"{path}: sha256 differs from the manifest (corrupt or replaced)")
     return manifest
+
+
+def verify_inputs(data_dir: str | os.PathLike, names: list[str], hashes: bool = True) -> dict | None:
+    """Check the data files a stage is about to read against manifest.json, once per process and
+    before anything is computed from them. `names` are file names ('train.npy') or folders
+    ending in '/' ('eval/'): every file the manifest lists under a folder must be there intact
+    (a missing domain is not silently skipped), and every file found there must be listed (a
+    stray file is not silently read). Sizes always, sha256 unless `hashes` is False.
+
+    A data folder the data stage built always has a manifest; one put together by hand (e.g.
+    for the paper's released checkpoints) may not, and is then not checked: returns None."""
+    data_dir = Path(data_dir)
+    if not (data_dir / MANIFEST).is_file():
+        return None
+    manifest = read_manifest(data_dir)
+    wanted = set()
+    for name in names:
+        if name.endswith("/"):
+            wanted.update(p for p in manifest["files"] if p.startswith(name))
+            folder = data_dir / name
+            if folder.is_dir():
+                wanted.update(f.relative_to(data_dir).as_posix() for f in folder.iterdir()
+                              if f.is_file() and not f.name.startswith("."))
+        elif name in manifest["files"] or (data_dir / name).exists():
+            wanted.add(name)
+    return verify_manifest(data_dir, sorted(wanted), hashes)
