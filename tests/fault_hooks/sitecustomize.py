@@ -7,12 +7,16 @@ RELORA_FAULT_STEP_DELAY=SECONDS   `relora train` sleeps this long after every op
                                   (timing only: the trajectory is unchanged).
 RELORA_FAULT_AUDIT_DIR=DIR        `relora train` records every write-like operation (files opened
                                   for writing, renames, links, mkdir, deletions) with the time in
-                                  DIR/<pid>.tsv, through Python's audit hooks (PEP 578).
+                                  DIR/<pid>.tsv (first line: cwd and argv), through Python's
+                                  audit hooks (PEP 578). Files written from C/C++/Rust (torch,
+                                  safetensors, pyarrow) are seen through their temporary names
+                                  in the renames that publish them.
 RELORA_FAULT_KILL_ON_REPLACE=NAME a `relora` process SIGKILLs itself when it is about to rename a
                                   finished temporary file onto a path ending in NAME: the state
                                   of a job killed mid-write, deterministically.
 """
 
+import json
 import os
 import sys
 import time
@@ -101,6 +105,8 @@ def _audit(folder: str) -> None:
                 os.makedirs(folder, exist_ok=True)
                 state["fd"] = os.open(os.path.join(folder, f"{os.getpid()}.tsv"),
                                       os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                header = f"#\t{os.getcwd()}\t{json.dumps(sys.argv)}\n"  # who, and where
+                os.write(state["fd"], header.encode())
             for p in paths:
                 if isinstance(p, int):
                     continue
