@@ -165,6 +165,27 @@ def test_state_whose_checkpoints_are_gone_is_not_resumed(study, caplog):
     assert_same_run(study.tmp / "out", study.reference)
 
 
+def test_altered_resume_state_is_not_resumed_from(study, caplog):
+    """One flipped bit in a tensor of state.pt: torch.load reads it without complaint, the CRC-32
+    of its zip record does not match; the run starts over instead of resuming wrong weights."""
+    import zipfile
+
+    assert main(train_args(study, "relora", "--stop-after", "8")) == 0
+    state = study.tmp / "resume" / "state.pt"
+    with zipfile.ZipFile(state) as archive:
+        record = max(archive.infolist(), key=lambda info: info.file_size)
+    blob = bytearray(state.read_bytes())
+    data_start = record.header_offset + 30 + len(record.filename.encode()) + len(record.extra)
+    blob[data_start + record.file_size // 2] ^= 0x04
+    state.write_bytes(bytes(blob))
+    torch.load(state, weights_only=False)  # the damage is invisible to torch
+    with caplog.at_level("INFO", logger="relora.train"):
+        assert main(train_args(study)) == 0
+    assert f"{state}: unreadable resume state (CRC-32 of {record.filename} does not match" in caplog.text
+    assert "starting from step 0" in caplog.text and "resumed from" not in caplog.text
+    assert_same_run(study.tmp / "out", study.reference)
+
+
 # --- a diverging run, a full disk ------------------------------------------------------------------
 
 def test_nan_loss_from_the_command_line_keeps_only_good_checkpoints(study, capsys):
