@@ -309,8 +309,7 @@ def test_failed_write_leaves_the_old_results_whole(results, monkeypatch, capsys,
 
         monkeypatch.setattr("relora.results._statistics", full)
     else:
-        _partial_then_full(monkeypatch, "write_bytes" if target.endswith(".png") else "write_text",
-                           Path(target).name)
+        _partial_then_full(monkeypatch, "write_text", Path(target).name)  # SVG, HTML: text
     assert main(commands[target]) == 2
     assert "No space left on device" in capsys.readouterr().err
     after = _bytes(root)
