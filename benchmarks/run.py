@@ -13,8 +13,8 @@ ReLoRA FLOP bound relora.describe.relora_flops_per_token.
 Baselines: transformers LlamaForCausalLM (+ peft LoRA for ReLoRA, same rank, alpha, dropout,
 targets and trainable set), run with glibc's default allocator settings as a user runs it; our
 rows run as relora's trainer does on CPU (relora.train.retain_freed_memory). Ablation rows switch
-one of our changes back: glibc's default allocator, PyTorch's flash SDPA instead of the
-small-head attention, PyTorch's bernoulli_ dropout mask instead of the SFC64 one.
+one of our changes back: glibc's default allocator, PyTorch's bernoulli_ dropout mask instead of
+the SFC64 one.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import relora.lora as lora_module  # noqa: E402
-import relora.model as model_module  # noqa: E402
 from relora.checkpoint import build_model  # noqa: E402
 from relora.describe import relora_flops_per_token  # noqa: E402
 from relora.model import ModelConfig, model_flops_per_token  # noqa: E402
@@ -76,25 +75,19 @@ def malloc_mode(mode: str) -> None:
 
 # --- switches back to the code before the optimisation, for the ablation rows --------------------
 
-def sdpa_attention(q, k, v):
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
-
-
 def bernoulli_keep_mask(x, p):
     return torch.empty(x.shape, dtype=torch.bool).bernoulli_(1 - p)  # what F.dropout draws
 
 
 @contextlib.contextmanager
-def patched(attention=None, keep_mask=None):
-    saved = model_module.causal_attention, lora_module.dropout_keep_mask
+def patched(keep_mask=None):
+    saved = lora_module.dropout_keep_mask
     try:
-        if attention is not None:
-            model_module.causal_attention = attention
         if keep_mask is not None:
             lora_module.dropout_keep_mask = keep_mask
         yield
     finally:
-        model_module.causal_attention, lora_module.dropout_keep_mask = saved
+        lora_module.dropout_keep_mask = saved
 
 
 # --- models ----------------------------------------------------------------------------------
@@ -187,10 +180,10 @@ def interleave(variants: dict, repeats: int, gemm_dtypes=(torch.float32,)) -> tu
             {dt: statistics.median(v) for dt, v in gemm.items()})
 
 
-def with_setup(step, malloc="keep", attention=None, keep_mask=None):
+def with_setup(step, malloc="keep", keep_mask=None):
     def run():
         malloc_mode(malloc)
-        with patched(attention, keep_mask):
+        with patched(keep_mask):
             step()
     return run
 
@@ -215,8 +208,6 @@ def bench_training(name: str, precision: str, repeats: int, with_hf: bool, ablat
     variants = {k: with_setup(s, "default" if k.startswith("hf") else "keep") for k, (s, _) in steps.items()}
     if ablations:
         variants["ours full, glibc default malloc"] = with_setup(steps["ours full"][0], "default")
-        if d // 12 <= 16 and precision == "fp32":
-            variants["ours full, flash SDPA attention"] = with_setup(steps["ours full"][0], attention=sdpa_attention)
         variants["ours relora p=0.1 per_adapter, bernoulli_ mask"] = with_setup(
             steps["ours relora p=0.1 per_adapter"][0], keep_mask=bernoulli_keep_mask)
         variants["ours relora p=0.1 shared, bernoulli_ mask"] = with_setup(
@@ -277,8 +268,7 @@ def training_table(rows: list[dict], info: dict) -> list[str]:
         if old:
             line("  (with PyTorch's bernoulli_ mask)", f"{old['step_s'] / by['ours relora p=0']['step_s'] - 1:+.1%}",
                  "", "", f"{old['step_s'] / by[key]['step_s']:.2f}x")
-    for key, what in (("ours full, glibc default malloc", "retained memory (mallopt) vs glibc default"),
-                      ("ours full, flash SDPA attention", "small-head attention vs flash SDPA")):
+    for key, what in (("ours full, glibc default malloc", "retained memory (mallopt) vs glibc default"),):
         if key in by:
             line(f"ours full: {what}", fmt(full), key.split(", ")[1], fmt(by[key]),
                  f"{full['tokens_per_s'] / by[key]['tokens_per_s']:.2f}x")

@@ -17,7 +17,6 @@ import os
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 COMMANDS = ("sbatch", "sacct", "squeue", "scontrol", "srun", "sacctmgr", "sinfo")

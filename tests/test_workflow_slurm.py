@@ -2,7 +2,6 @@
 (tests/fake_slurm.py: sbatch runs each job at once on this machine, sacct/squeue report it)."""
 
 import sys
-from pathlib import Path
 
 import pytest
 
