@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .data.blimp import load_paradigm_file
+from .io import sha256_file
 from .model import ModelConfig, PicoDecoder, rope_tables
 
 LINEAR_PARENTS = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention",
@@ -193,13 +194,7 @@ def load_snapshot(path, expected: ModelConfig | None = None, scale: float | None
 
     weights_file = path / "model.safetensors"
     if raw.get("sha256") and weights_file.is_file():
-        import hashlib
-
-        digest = hashlib.sha256()
-        with open(weights_file, "rb") as f:
-            while block := f.read(1 << 22):
-                digest.update(block)
-        if digest.hexdigest() != raw["sha256"]:
+        if sha256_file(weights_file) != raw["sha256"]:
             raise ValueError(f"{weights_file}: sha256 differs from {config_path} (truncated or altered checkpoint)")
     tensors = {}
     for key, value in _read_tensors(path).items():
