@@ -87,6 +87,67 @@ def apply_rope(x, cos, sin):
     return (x_fp32 * cos_hs + swapped * sin_hs).type_as(x)
 
 
+# PyTorch's fused CPU attention kernel works in (32-query x T-key) tiles whose matmuls have inner
+# dimension head_size; at head sizes 4 and 8 (the default study's d=48 and the paper's tiny d=96)
+# those tiles run far below the machine's GEMM rate. Up to these sizes attention on CPU computes
+# the (T, T) probabilities explicitly (SmallHeadCausalAttention): 1.3x faster forward + backward
+# at head size 4 and 8 with T=128, still 1.35x at T=512, slower than the fused kernel from head
+# size 16 (2-core Zen 4; benchmarks/run.py prints the attention rows). Its memory is B*nh*T^2
+# floats per layer, hence the sequence bound.
+SMALL_HEAD_MAX_DIM = 8
+SMALL_HEAD_MAX_SEQ = 512
+
+
+class SmallHeadCausalAttention(torch.autograd.Function):
+    """Causal grouped-query attention softmax(q k^T / sqrt(hs) + causal) v with the probabilities P
+    kept for the backward, for small heads on CPU. q (B, nh, T, hs), k and v (B, nkv, T, hs) ->
+    y (B, T, nh * hs), the layout o_proj reads.
+
+    The nh / nkv query heads that share a key/value head are stacked along the rows, so one
+    batched matmul over G = B * nkv groups of R = (nh / nkv) * T rows serves them all (no kv
+    repeat). Every product whose result has head-size columns is computed transposed (y^T = v^T
+    P^T, and likewise dv, dq, dk): a GEMM with hs rows and T columns runs 2-3x faster than one
+    with T rows and hs columns."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        B, nh, T, hs = q.shape
+        nkv = k.shape[1]
+        group = nh // nkv
+        G, R = B * nkv, group * T
+        scale = 1.0 / math.sqrt(hs)
+        q_scaled = q.reshape(G, R, hs) * scale  # rows: (query head within the group, position)
+        k2, v2 = k.reshape(G, T, hs), v.reshape(G, T, hs)
+        causal = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1).repeat(group, 1)
+        probs = torch.softmax(torch.baddbmm(causal, q_scaled, k2.transpose(1, 2)), dim=-1)  # (G, R, T)
+        y_t = torch.bmm(v2.transpose(1, 2), probs.transpose(1, 2))  # (G, hs, R) = (P v)^T
+        ctx.save_for_backward(q_scaled, k2, v2, probs, y_t)
+        ctx.scale = scale
+        # (B, nkv, hs, group, T) -> (B, T, nkv, group, hs) = (B, T, nh * hs)
+        return y_t.view(B, nkv, hs, group, T).permute(0, 4, 1, 3, 2).reshape(B, T, nh * hs)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        q_scaled, k2, v2, probs, y_t = ctx.saved_tensors
+        G, R, hs = q_scaled.shape
+        T = k2.shape[1]
+        B = grad_y.shape[0]
+        nkv = G // B
+        group = R // T
+        grad_y_t = grad_y.reshape(B, T, nkv, group, hs).permute(0, 2, 4, 3, 1).reshape(G, hs, R)
+        grad_v_t = torch.bmm(grad_y_t, probs)  # (G, hs, T) = (P^T dy)^T
+        grad_probs = torch.bmm(grad_y_t.transpose(1, 2), v2.transpose(1, 2))  # (G, R, T)
+        # softmax backward: dS = P * (dP - rowsum(dy * y))
+        row_dot = (grad_y_t * y_t).sum(1)  # (G, R)
+        grad_scores = grad_probs.sub_(row_dot[:, :, None]).mul_(probs)
+        # S = q k^T * scale: dq = scale dS k, dk = scale dS^T q (q_scaled carries the scale)
+        grad_q_t = torch.bmm((k2 * ctx.scale).transpose(1, 2), grad_scores.transpose(1, 2))  # (G, hs, R)
+        grad_k_t = torch.bmm(q_scaled.transpose(1, 2), grad_scores)  # (G, hs, T)
+        grad_q = grad_q_t.view(B, nkv, hs, group, T).permute(0, 1, 3, 4, 2).reshape(B, nkv * group, T, hs)
+        return (grad_q, grad_k_t.view(B, nkv, hs, T).transpose(2, 3),
+                grad_v_t.view(B, nkv, hs, T).transpose(2, 3))
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -102,12 +163,14 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # query head h reads key/value head h // (nh / nkv), as LLaMA's repeat_kv. (A CPU path of
-        # our own with explicit (T, T) scores for small heads measured 0.92x of this kernel at
-        # d=48 and 0.98x at d=96 on a quiet 2-core Zen 4, so it was removed.)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, nh, T, hs)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+        if (q.device.type == "cpu" and q.dtype == torch.float32 and self.head_dim <= SMALL_HEAD_MAX_DIM
+                and T <= SMALL_HEAD_MAX_SEQ):
+            y = SmallHeadCausalAttention.apply(q, k, v)  # (B, T, C)
+        else:
+            # query head h reads key/value head h // (nh / nkv), as LLaMA's repeat_kv
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+            y = y.transpose(1, 2).reshape(B, T, C)
+        return self.o_proj(y)
 
 
 class SwiGLU(nn.Module):
@@ -134,6 +197,11 @@ class Block(nn.Module):
         return x + self.swiglu(self.swiglu_norm(x))
 
 
+# logits per chunk of LMHeadCrossEntropy: (GPU, CPU). 8 MB of fp32 logits on CPU, where 256 rows x
+# 8192 measured fastest between 32 and 512 rows at d=48 and d=96.
+LM_HEAD_CHUNK_LOGITS = (2**27, 2**21)
+
+
 class LMHeadCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of the fp32 logits h W^T over the targets that are not -100, without
     the (tokens, vocab) logits ever existing whole (67 MB at the default study's batch, 3.3 GB
@@ -148,24 +216,33 @@ class LMHeadCrossEntropy(torch.autograd.Function):
         h_mm, w_mm = h.to(dtype), weight.to(dtype)
         predicted = targets != -100
         n = predicted.sum().clamp(min=1)
-        rows = max(1, (2**21 if device == "cpu" else 2**27) // weight.shape[0])  # 8 MB of CPU logits
+        rows = max(1, LM_HEAD_CHUNK_LOGITS[device == "cpu"] // weight.shape[0])
         loss = torch.zeros((), device=h.device)
         grad_h = torch.empty_like(h_mm) if with_grad else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if with_grad else None
+        row_weight = predicted / n  # each predicted row's share of the mean; 0 for -100
         with torch.autocast(device, enabled=False):
             for start in range(0, h.shape[0], rows):
-                h_c, t, keep = h_mm[start:start + rows], targets[start:start + rows], predicted[start:start + rows]
+                h_c, w_c, keep = h_mm[start:start + rows], row_weight[start:start + rows], predicted[start:start + rows]
+                t = targets[start:start + rows].clamp(min=0)
                 logits = (h_c @ w_mm.t()).float()  # (rows, V)
-                lse = torch.logsumexp(logits, dim=-1)  # (rows,)
-                target_logit = logits.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
-                loss += torch.where(keep, lse - target_logit, 0.0).sum()
+                target_logit = logits.gather(1, t[:, None]).squeeze(1)
+                # one exp serves the loss and its gradient: e = exp(logits - max), lse = max + log sum e,
+                # softmax = e / sum e (torch.logsumexp and a second exp cost a third of the head's time)
+                row_max = logits.amax(dim=-1)
+                exp = logits.sub_(row_max[:, None]).exp_()
+                exp_sum = exp.sum(dim=-1)
+                loss += torch.where(keep, row_max + exp_sum.log() - target_logit, 0.0).sum()
                 if with_grad:  # d loss / d logits = (softmax - one_hot) / n on predicted rows
-                    grad = logits.sub_(lse[:, None]).exp_()
-                    grad[torch.arange(len(t), device=t.device), t.clamp(min=0)] -= 1.0
-                    grad.mul_((keep / n)[:, None])
-                    grad = grad.to(dtype)
-                    grad_h[start:start + rows] = grad @ w_mm  # (rows, C)
-                    grad_w += (grad.t() @ h_c).float()  # (V, C)
+                    grad = exp.mul_((w_c / exp_sum)[:, None])
+                    grad[torch.arange(len(t), device=t.device), t] -= w_c
+                    if grad_w.dtype == dtype:  # fp32: write and accumulate in place
+                        torch.mm(grad, w_mm, out=grad_h[start:start + rows])  # (rows, C)
+                        grad_w.addmm_(grad.t(), h_c)  # (V, C)
+                    else:  # autocast: the matmuls in its dtype, dW summed in fp32
+                        grad = grad.to(dtype)
+                        grad_h[start:start + rows] = grad @ w_mm
+                        grad_w += (grad.t() @ h_c).float()
         ctx.save_for_backward(grad_h, grad_w)
         return loss / n
 

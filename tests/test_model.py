@@ -1,8 +1,11 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
+import relora.model as model_module
 from relora.config import load_study, model_config
-from relora.model import ModelConfig, PicoDecoder, apply_rope, count_parameters, pad_vocab, rope_tables
+from relora.model import (ModelConfig, PicoDecoder, SmallHeadCausalAttention, apply_rope, count_parameters, pad_vocab,
+                          rope_tables)
 
 
 def small_config(**overrides):
@@ -72,3 +75,63 @@ def test_gqa_equals_explicit_kv_repeat():
 def test_bad_shapes_are_named(field, value):
     with pytest.raises(ValueError, match=field):
         small_config(**{field: value})
+
+
+def _loss_and_grads(model, idx, targets):
+    model.zero_grad(set_to_none=True)
+    loss = model(idx, targets=targets)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("chunk_logits", [None, 3 * 128])  # one chunk; 3-row chunks, the last short
+def test_fused_head_loss_and_gradients_equal_cross_entropy_on_logits(monkeypatch, chunk_logits):
+    if chunk_logits:
+        monkeypatch.setattr(model_module, "LM_HEAD_CHUNK_LOGITS", (chunk_logits, chunk_logits))
+    torch.manual_seed(0)
+    model = PicoDecoder(small_config()).train()
+    idx = torch.randint(0, 128, (2, 11))
+    targets = idx[:, 1:].clone()
+    targets[0, :4] = -100  # unpredicted positions count in neither the mean nor the gradient
+    fused, fused_grads = _loss_and_grads(model, idx[:, :-1], targets)
+    model.zero_grad(set_to_none=True)
+    reference = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), targets.flatten(), ignore_index=-100)
+    reference.backward()
+    torch.testing.assert_close(fused, reference.detach())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(fused_grads[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_fused_head_under_bf16_autocast_is_close_to_fp32():
+    torch.manual_seed(0)
+    model = PicoDecoder(small_config()).train()
+    idx = torch.randint(0, 128, (2, 11))
+    fp32, _ = _loss_and_grads(model, idx[:, :-1], idx[:, 1:])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16, grads = _loss_and_grads(model, idx[:, :-1], idx[:, 1:])
+    assert bf16.dtype == torch.float32 and abs(bf16.item() - fp32.item()) < 0.02
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
+
+
+@pytest.mark.parametrize("B, nh, nkv, T, hs", [(2, 6, 2, 9, 4), (2, 8, 2, 7, 8), (2, 4, 4, 5, 2), (1, 3, 1, 1, 4)])
+def test_small_head_attention_equals_sdpa_with_its_gradients(B, nh, nkv, T, hs):
+    torch.manual_seed(0)
+    # q, k, v as the projections leave them: (B, T, heads, hs) memory seen as (B, heads, T, hs)
+    q, k, v = (torch.randn(B, T, n, hs, dtype=torch.float64).transpose(1, 2).requires_grad_()
+               for n in (nh, nkv, nkv))
+    ours = SmallHeadCausalAttention.apply(q, k, v)
+    reference = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=nkv != nh)
+    torch.testing.assert_close(ours, reference.transpose(1, 2).reshape(B, T, nh * hs))
+    assert torch.autograd.gradcheck(SmallHeadCausalAttention.apply, (q, k, v))
+
+
+def test_model_with_small_head_attention_equals_model_with_sdpa(monkeypatch):
+    torch.manual_seed(0)
+    model = PicoDecoder(small_config()).train()  # head size 4: the small-head path
+    idx = torch.randint(0, 128, (3, 13))
+    small_loss, small_grads = _loss_and_grads(model, idx[:, :-1], idx[:, 1:])
+    monkeypatch.setattr(model_module, "SMALL_HEAD_MAX_DIM", 0)  # PyTorch's fused kernel
+    sdpa_loss, sdpa_grads = _loss_and_grads(model, idx[:, :-1], idx[:, 1:])
+    torch.testing.assert_close(small_loss, sdpa_loss)
+    for name in small_grads:
+        torch.testing.assert_close(small_grads[name], sdpa_grads[name], rtol=1e-4, atol=1e-6, msg=name)
