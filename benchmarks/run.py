@@ -11,10 +11,11 @@ it for bf16 rows). Model FLOPs follow DESIGN 5 (relora.model.model_flops_per_tok
 ReLoRA FLOP bound relora.describe.relora_flops_per_token.
 
 Baselines: transformers LlamaForCausalLM (+ peft LoRA for ReLoRA, same rank, alpha, dropout,
-targets and trainable set), run with glibc's default allocator settings as a user runs it; our
-rows run as relora's trainer does on CPU (relora.train.retain_freed_memory). Ablation rows switch
-one of our changes back: glibc's default allocator, PyTorch's bernoulli_ dropout mask instead of
-the SFC64 one.
+targets and trainable set) with fused AdamW (transformers.Trainer's default optimizer for torch >=
+2.8), run with glibc's default allocator settings as a user runs it; our rows run as relora's
+trainer does on CPU (relora.optim.build_optimizer, relora.train.retain_freed_memory). Ablation
+rows switch one of our changes back: glibc's default allocator, PyTorch's bernoulli_ dropout mask
+instead of the SFC64 one, PyTorch's fused attention kernel instead of the small-head path.
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import relora.lora as lora_module  # noqa: E402
+import relora.model as model_module  # noqa: E402
 from relora.checkpoint import build_model  # noqa: E402
 from relora.describe import relora_flops_per_token  # noqa: E402
-from relora.model import ModelConfig, model_flops_per_token  # noqa: E402
+from relora.model import ModelConfig, SmallHeadCausalAttention, model_flops_per_token  # noqa: E402
+from relora.optim import build_optimizer  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "w_0", "w_1", "w_2"]
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -80,14 +83,16 @@ def bernoulli_keep_mask(x, p):
 
 
 @contextlib.contextmanager
-def patched(keep_mask=None):
-    saved = lora_module.dropout_keep_mask
+def patched(keep_mask=None, small_head_attention=True):
+    saved = lora_module.dropout_keep_mask, model_module.SMALL_HEAD_MAX_DIM
     try:
         if keep_mask is not None:
             lora_module.dropout_keep_mask = keep_mask
+        if not small_head_attention:
+            model_module.SMALL_HEAD_MAX_DIM = 0
         yield
     finally:
-        lora_module.dropout_keep_mask = saved
+        lora_module.dropout_keep_mask, model_module.SMALL_HEAD_MAX_DIM = saved
 
 
 # --- models ----------------------------------------------------------------------------------
@@ -101,8 +106,10 @@ def ours(config: ModelConfig, relora: bool, rank: int, dropout: float = 0.0, mas
     method = {"name": "relora", "rank": rank, "alpha": 2 * rank, "dropout": dropout, "dropout_mask": mask,
               "targets": TARGETS} if relora else {"name": "full"}
     model = build_model(config.to_dict(), method).train()
+    optimizer = build_optimizer(model, {"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01,
+                                        "decay_on": "all"})
     # as relora's trainer calls it: the fused LM head + cross-entropy (no logits materialised)
-    return model, (lambda idx, targets: model(idx, targets=targets)), [p for p in model.parameters() if p.requires_grad]
+    return model, (lambda idx, targets: model(idx, targets=targets)), optimizer
 
 
 def hugging_face(config: ModelConfig, relora: bool, rank: int, dropout: float = 0.0):
@@ -125,12 +132,14 @@ def hugging_face(config: ModelConfig, relora: bool, rank: int, dropout: float = 
     def forward(idx, targets):  # what LlamaForCausalLM(labels=...) computes, without its shift copy
         return F.cross_entropy(model(input_ids=idx).logits.float().flatten(0, 1), targets.flatten())
 
-    return model, forward, [p for p in model.parameters() if p.requires_grad]
+    # transformers.Trainer's default optimizer (optim="adamw_torch_fused" for torch >= 2.8)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                                  weight_decay=0.01, fused=True)
+    return model, forward, optimizer
 
 
-def make_step(forward, params, vocab: int, batch: int, seq: int, precision: str):
+def make_step(forward, optimizer, vocab: int, batch: int, seq: int, precision: str):
     """One optimizer update as relora's trainer runs it: forward + fp32 cross-entropy, backward, AdamW."""
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
     idx = torch.randint(0, vocab, (batch, seq + 1))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
@@ -180,10 +189,10 @@ def interleave(variants: dict, repeats: int, gemm_dtypes=(torch.float32,)) -> tu
             {dt: statistics.median(v) for dt, v in gemm.items()})
 
 
-def with_setup(step, malloc="keep", keep_mask=None):
+def with_setup(step, malloc="keep", keep_mask=None, small_head_attention=True):
     def run():
         malloc_mode(malloc)
-        with patched(keep_mask):
+        with patched(keep_mask, small_head_attention):
             step()
     return run
 
@@ -204,10 +213,16 @@ def bench_training(name: str, precision: str, repeats: int, with_hf: bool, ablat
         built["hf llama full"] = hugging_face(config, False, rank)
         built["hf llama + peft p=0"] = hugging_face(config, True, rank)
         built["hf llama + peft p=0.1"] = hugging_face(config, True, rank, 0.1)
-    steps = {k: make_step(fwd, params, vocab, batch, seq, precision) for k, (_, fwd, params) in built.items()}
+    steps = {k: make_step(fwd, opt, vocab, batch, seq, precision) for k, (_, fwd, opt) in built.items()}
     variants = {k: with_setup(s, "default" if k.startswith("hf") else "keep") for k, (s, _) in steps.items()}
     if ablations:
         variants["ours full, glibc default malloc"] = with_setup(steps["ours full"][0], "default")
+        model, forward, _ = built["ours full"]
+        loop_adamw = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)  # PyTorch's CPU default
+        variants["ours full, PyTorch default AdamW"] = with_setup(make_step(forward, loop_adamw, vocab, batch, seq,
+                                                                            precision)[0])
+        if config.head_dim <= model_module.SMALL_HEAD_MAX_DIM and precision == "fp32":
+            variants["ours full, PyTorch SDPA attention"] = with_setup(steps["ours full"][0], small_head_attention=False)
         variants["ours relora p=0.1 per_adapter, bernoulli_ mask"] = with_setup(
             steps["ours relora p=0.1 per_adapter"][0], keep_mask=bernoulli_keep_mask)
         variants["ours relora p=0.1 shared, bernoulli_ mask"] = with_setup(
@@ -268,12 +283,41 @@ def training_table(rows: list[dict], info: dict) -> list[str]:
         if old:
             line("  (with PyTorch's bernoulli_ mask)", f"{old['step_s'] / by['ours relora p=0']['step_s'] - 1:+.1%}",
                  "", "", f"{old['step_s'] / by[key]['step_s']:.2f}x")
-    for key, what in (("ours full, glibc default malloc", "retained memory (mallopt) vs glibc default"),):
+    for key, what in (("ours full, glibc default malloc", "retained memory (mallopt) vs glibc default"),
+                      ("ours full, PyTorch default AdamW", "fused AdamW vs PyTorch's default loop"),
+                      ("ours full, PyTorch SDPA attention", "small-head attention vs PyTorch SDPA")):
         if key in by:
             line(f"ours full: {what}", fmt(full), key.split(", ")[1], fmt(by[key]),
                  f"{full['tokens_per_s'] / by[key]['tokens_per_s']:.2f}x")
     line("optimizer state relora / full", f"{by['ours relora p=0']['optimizer_mb']:.1f} MB", "ours full",
          f"{full['optimizer_mb']:.1f} MB", f"{by['ours relora p=0']['optimizer_mb'] / full['optimizer_mb']:.2f}x")
+    return lines
+
+
+def attention_variants(d: int, batch: int, seq: int) -> dict:
+    """Forward + backward of one layer's causal GQA attention (12 query, 4 kv heads) by each path."""
+    hs = d // 12
+    # as the projections leave them: (B, T, heads, hs) memory seen as (B, heads, T, hs)
+    q, k, v = (torch.randn(batch, seq, n, hs).transpose(1, 2).requires_grad_() for n in (12, 4, 4))
+    grad = torch.randn(batch, seq, d)
+
+    def sdpa():
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        y.transpose(1, 2).reshape(batch, seq, d).backward(grad)
+
+    return {"small": lambda: SmallHeadCausalAttention.apply(q, k, v).backward(grad), "sdpa": sdpa}
+
+
+def bench_attention(repeats: int) -> list[str]:
+    """The small-head path against PyTorch's fused kernel around relora.model.SMALL_HEAD_MAX_DIM."""
+    lines = ["[attention] one layer, forward + backward, fp32, 12 query / 4 kv heads"]
+    for d, batch, seq in ((48, 16, 128), (96, 16, 128), (96, 4, 512), (192, 8, 256)):
+        hs = d // 12
+        seconds, _ = interleave(attention_variants(d, batch, seq), repeats * 4)
+        used = "used" if hs <= model_module.SMALL_HEAD_MAX_DIM and seq <= model_module.SMALL_HEAD_MAX_SEQ else "not used"
+        lines.append("  {:46} {:>14} | {:38} {:>14} | {:>7}".format(
+            f"small-head, hs {hs}, B {batch}, T {seq} ({used})", f"{seconds['small'] * 1e3:.1f} ms",
+            "PyTorch SDPA (flash, CPU)", f"{seconds['sdpa'] * 1e3:.1f} ms", f"{seconds['sdpa'] / seconds['small']:.2f}x"))
     return lines
 
 
@@ -421,6 +465,7 @@ def main():
     print(f"{'figure':48} {'value':>14} | {'baseline (same run)':38} {'value':>14} | {'ratio':>7} target")
     print("-" * 140)
     if not args.skip_train:
+        print("\n".join(bench_attention(args.repeats)), flush=True)
         bf16_ok = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
         for precision in args.precisions.split(","):
             if precision == "bf16" and not bf16_ok:
