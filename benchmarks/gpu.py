@@ -57,7 +57,7 @@ def build(config: ModelConfig, method: str, device, dropout: float, rank: int):
         wrap_with_lora(model, rank, 2 * rank, dropout, TARGETS)
     model = model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01, fused=device.type == "cuda" or None)
+    optimizer = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01, fused=device.type in ("cuda", "cpu") or None)
     flops = relora_flops_per_token(model, config.max_seq_len) if method == "relora" else \
         model_flops_per_token(config, config.max_seq_len)
     return model, optimizer, flops

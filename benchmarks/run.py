@@ -221,7 +221,7 @@ def bench_training(name: str, precision: str, repeats: int, with_hf: bool, ablat
         loop_adamw = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)  # PyTorch's CPU default
         variants["ours full, PyTorch default AdamW"] = with_setup(make_step(forward, loop_adamw, vocab, batch, seq,
                                                                             precision)[0])
-        if config.head_dim <= model_module.SMALL_HEAD_MAX_DIM and precision == "fp32":
+        if config.head_dim <= model_module.SMALL_HEAD_MAX_DIM:
             variants["ours full, PyTorch SDPA attention"] = with_setup(steps["ours full"][0], small_head_attention=False)
         variants["ours relora p=0.1 per_adapter, bernoulli_ mask"] = with_setup(
             steps["ours relora p=0.1 per_adapter"][0], keep_mask=bernoulli_keep_mask)

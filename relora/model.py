@@ -114,17 +114,21 @@ class SmallHeadCausalAttention(torch.autograd.Function):
         group = nh // nkv
         G, R = B * nkv, group * T
         scale = 1.0 / math.sqrt(hs)
-        q_scaled = q.reshape(G, R, hs) * scale  # rows: (query head within the group, position)
-        k2, v2 = k.reshape(G, T, hs), v.reshape(G, T, hs)
-        causal = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1).repeat(group, 1)
-        probs = torch.softmax(torch.baddbmm(causal, q_scaled, k2.transpose(1, 2)), dim=-1)  # (G, R, T)
-        y_t = torch.bmm(v2.transpose(1, 2), probs.transpose(1, 2))  # (G, hs, R) = (P v)^T
+        # bf16 inputs (autocast) are computed in fp32: casting q, k, v is cheap, and P stays accurate
+        dtype, compute = q.dtype, torch.promote_types(q.dtype, torch.float32)
+        with torch.autocast(q.device.type, enabled=False):
+            q_scaled = q.reshape(G, R, hs).to(compute) * scale  # rows: (query head within the group, position)
+            k2, v2 = k.reshape(G, T, hs).to(compute), v.reshape(G, T, hs).to(compute)
+            causal = torch.full((T, T), float("-inf"), dtype=compute, device=q.device).triu_(1).repeat(group, 1)
+            probs = torch.softmax(torch.baddbmm(causal, q_scaled, k2.transpose(1, 2)), dim=-1)  # (G, R, T)
+            y_t = torch.bmm(v2.transpose(1, 2), probs.transpose(1, 2))  # (G, hs, R) = (P v)^T
         ctx.save_for_backward(q_scaled, k2, v2, probs, y_t)
-        ctx.scale = scale
+        ctx.scale, ctx.dtype = scale, dtype
         # (B, nkv, hs, group, T) -> (B, T, nkv, group, hs) = (B, T, nh * hs)
-        return y_t.view(B, nkv, hs, group, T).permute(0, 4, 1, 3, 2).reshape(B, T, nh * hs)
+        return y_t.view(B, nkv, hs, group, T).permute(0, 4, 1, 3, 2).reshape(B, T, nh * hs).to(dtype)
 
     @staticmethod
+    @torch.autocast("cpu", enabled=False)
     def backward(ctx, grad_y):
         q_scaled, k2, v2, probs, y_t = ctx.saved_tensors
         G, R, hs = q_scaled.shape
@@ -132,7 +136,7 @@ class SmallHeadCausalAttention(torch.autograd.Function):
         B = grad_y.shape[0]
         nkv = G // B
         group = R // T
-        grad_y_t = grad_y.reshape(B, T, nkv, group, hs).permute(0, 2, 4, 3, 1).reshape(G, hs, R)
+        grad_y_t = grad_y.to(q_scaled.dtype).reshape(B, T, nkv, group, hs).permute(0, 2, 4, 3, 1).reshape(G, hs, R)
         grad_v_t = torch.bmm(grad_y_t, probs)  # (G, hs, T) = (P^T dy)^T
         grad_probs = torch.bmm(grad_y_t.transpose(1, 2), v2.transpose(1, 2))  # (G, R, T)
         # softmax backward: dS = P * (dP - rowsum(dy * y))
@@ -142,8 +146,8 @@ class SmallHeadCausalAttention(torch.autograd.Function):
         grad_q_t = torch.bmm((k2 * ctx.scale).transpose(1, 2), grad_scores.transpose(1, 2))  # (G, hs, R)
         grad_k_t = torch.bmm(q_scaled.transpose(1, 2), grad_scores)  # (G, hs, T)
         grad_q = grad_q_t.view(B, nkv, hs, group, T).permute(0, 1, 3, 4, 2).reshape(B, nkv * group, T, hs)
-        return (grad_q, grad_k_t.view(B, nkv, hs, T).transpose(2, 3),
-                grad_v_t.view(B, nkv, hs, T).transpose(2, 3))
+        return (grad_q.to(ctx.dtype), grad_k_t.view(B, nkv, hs, T).transpose(2, 3).to(ctx.dtype),
+                grad_v_t.view(B, nkv, hs, T).transpose(2, 3).to(ctx.dtype))
 
 
 class Attention(nn.Module):
@@ -161,8 +165,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if (q.device.type == "cpu" and q.dtype == torch.float32 and self.head_dim <= SMALL_HEAD_MAX_DIM
-                and T <= SMALL_HEAD_MAX_SEQ):
+        if q.device.type == "cpu" and self.head_dim <= SMALL_HEAD_MAX_DIM and T <= SMALL_HEAD_MAX_SEQ:
             y = SmallHeadCausalAttention.apply(q, k, v)  # (B, T, C)
         else:
             # query head h reads key/value head h // (nh / nkv), as LLaMA's repeat_kv

@@ -147,3 +147,18 @@ def test_model_with_small_head_attention_equals_model_with_sdpa(monkeypatch):
     torch.testing.assert_close(small_loss, sdpa_loss)
     for name in small_grads:
         torch.testing.assert_close(small_grads[name], sdpa_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_small_head_attention_under_bf16_autocast_computes_in_fp32(monkeypatch):
+    torch.manual_seed(0)
+    model = PicoDecoder(small_config()).train()
+    idx = torch.randint(0, 128, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        small_loss, small_grads = _loss_and_grads(model, idx[:, :-1], idx[:, 1:])
+        monkeypatch.setattr(model_module, "SMALL_HEAD_MAX_DIM", 0)
+        sdpa_loss, sdpa_grads = _loss_and_grads(model, idx[:, :-1], idx[:, 1:])
+    # both paths see the same bf16 q, k, v; they differ only by the kernels' own rounding
+    torch.testing.assert_close(small_loss, sdpa_loss, rtol=1e-2, atol=1e-2)
+    for name in small_grads:
+        assert small_grads[name].dtype == torch.float32
+        torch.testing.assert_close(small_grads[name], sdpa_grads[name], rtol=0.1, atol=2e-3, msg=name)
