@@ -88,12 +88,17 @@ def apply_rope(x, cos, sin):
 # PyTorch's fused CPU attention kernel works in (32-query x T-key) tiles whose matmuls have inner
 # dimension head_size; at head sizes 4 and 8 (the default study's d=48 and the paper's tiny d=96)
 # those tiles run far below the machine's GEMM rate. Up to these sizes attention on CPU computes
-# the (T, T) probabilities explicitly (SmallHeadCausalAttention): 1.3x faster forward + backward
-# at head size 4 and 8 with T=128, still 1.35x at T=512, slower than the fused kernel from head
-# size 16 (2-core Zen 4; benchmarks/run.py prints the attention rows). Its memory is B*nh*T^2
-# floats per layer, hence the sequence bound.
+# the (T, T) probabilities explicitly (SmallHeadCausalAttention): 1.7-2x faster forward + backward
+# and 1.3-1.8x faster forward alone at head size 4 and 8 with T=128 and 512, slower than the fused
+# kernel from head size 16 (2-core Zen 4, 1 and 2 threads; benchmarks/run.py prints the attention
+# rows). The probabilities it keeps for the backward take B*nh*T^2 floats per layer, hence the
+# sequence bound.
 SMALL_HEAD_MAX_DIM = 8
 SMALL_HEAD_MAX_SEQ = 512
+# scores per chunk and thread: 1 MB, the per-core L2 cache of current x86 CPUs, so each chunk's
+# scores, probabilities and their gradients stay in cache between the ops that use them
+# (2^16-2^20 measured; 2^18 fastest on 1 thread, 2^19 on 2)
+SMALL_HEAD_CHUNK_SCORES = 2**18
 
 
 class SmallHeadCausalAttention(torch.autograd.Function):
@@ -103,9 +108,10 @@ class SmallHeadCausalAttention(torch.autograd.Function):
 
     The nh / nkv query heads that share a key/value head are stacked along the rows, so one
     batched matmul over G = B * nkv groups of R = (nh / nkv) * T rows serves them all (no kv
-    repeat). Every product whose result has head-size columns is computed transposed (y^T = v^T
-    P^T, and likewise dv, dq, dk): a GEMM with hs rows and T columns runs 2-3x faster than one
-    with T rows and hs columns."""
+    repeat). The groups go in chunks whose (rows, T) scores fit in cache. Every product whose
+    result has head-size columns is computed transposed (y^T = v^T P^T, and likewise dv, dq, dk):
+    a GEMM with hs rows and T columns runs 2-3x faster than one with T rows and hs columns.
+    bf16 inputs (autocast) are computed in fp32: q, k and v are small, and P stays accurate."""
 
     @staticmethod
     def forward(ctx, q, k, v):
@@ -113,17 +119,24 @@ class SmallHeadCausalAttention(torch.autograd.Function):
         nkv = k.shape[1]
         group = nh // nkv
         G, R = B * nkv, group * T
-        scale = 1.0 / math.sqrt(hs)
-        # bf16 inputs (autocast) are computed in fp32: casting q, k, v is cheap, and P stays accurate
         dtype, compute = q.dtype, torch.promote_types(q.dtype, torch.float32)
+        chunk = max(1, SMALL_HEAD_CHUNK_SCORES * torch.get_num_threads() // (R * T))
+        keep_probs = any(ctx.needs_input_grad)  # evaluation reuses one chunk's buffer instead
         with torch.autocast(q.device.type, enabled=False):
-            q_scaled = q.reshape(G, R, hs).to(compute) * scale  # rows: (query head within the group, position)
+            # rows: (query head within the group, position); the scale goes on q
+            q_scaled = q.reshape(G, R, hs).to(compute) * (1.0 / math.sqrt(hs))
             k2, v2 = k.reshape(G, T, hs).to(compute), v.reshape(G, T, hs).to(compute)
             causal = torch.full((T, T), float("-inf"), dtype=compute, device=q.device).triu_(1).repeat(group, 1)
-            probs = torch.softmax(torch.baddbmm(causal, q_scaled, k2.transpose(1, 2)), dim=-1)  # (G, R, T)
-            y_t = torch.bmm(v2.transpose(1, 2), probs.transpose(1, 2))  # (G, hs, R) = (P v)^T
-        ctx.save_for_backward(q_scaled, k2, v2, probs, y_t)
-        ctx.scale, ctx.dtype = scale, dtype
+            probs = q.new_empty((G if keep_probs else min(chunk, G), R, T), dtype=compute)
+            y_t = q.new_empty((G, hs, R), dtype=compute)
+            for start in range(0, G, chunk):
+                c = slice(start, start + chunk)
+                p = probs[c] if keep_probs else probs[:min(chunk, G - start)]
+                torch.softmax(torch.baddbmm(causal, q_scaled[c], k2[c].transpose(1, 2)), dim=-1, out=p)
+                torch.bmm(v2[c].transpose(1, 2), p.transpose(1, 2), out=y_t[c])  # (P v)^T
+        if keep_probs:
+            ctx.save_for_backward(q_scaled, k2, v2, probs, y_t)
+        ctx.dtype, ctx.chunk = dtype, chunk
         # (B, nkv, hs, group, T) -> (B, T, nkv, group, hs) = (B, T, nh * hs)
         return y_t.view(B, nkv, hs, group, T).permute(0, 4, 1, 3, 2).reshape(B, T, nh * hs).to(dtype)
 
@@ -134,17 +147,20 @@ class SmallHeadCausalAttention(torch.autograd.Function):
         G, R, hs = q_scaled.shape
         T = k2.shape[1]
         B = grad_y.shape[0]
-        nkv = G // B
-        group = R // T
-        grad_y_t = grad_y.to(q_scaled.dtype).reshape(B, T, nkv, group, hs).permute(0, 2, 4, 3, 1).reshape(G, hs, R)
-        grad_v_t = torch.bmm(grad_y_t, probs)  # (G, hs, T) = (P^T dy)^T
-        grad_probs = torch.bmm(grad_y_t.transpose(1, 2), v2.transpose(1, 2))  # (G, R, T)
-        # softmax backward: dS = P * (dP - rowsum(dy * y))
-        row_dot = (grad_y_t * y_t).sum(1)  # (G, R)
-        grad_scores = grad_probs.sub_(row_dot[:, :, None]).mul_(probs)
-        # S = q k^T * scale: dq = scale dS k, dk = scale dS^T q (q_scaled carries the scale)
-        grad_q_t = torch.bmm((k2 * ctx.scale).transpose(1, 2), grad_scores.transpose(1, 2))  # (G, hs, R)
-        grad_k_t = torch.bmm(q_scaled.transpose(1, 2), grad_scores)  # (G, hs, T)
+        nkv, group = G // B, R // T
+        grad_y_t = grad_y.to(y_t.dtype).reshape(B, T, nkv, group, hs).permute(0, 2, 4, 3, 1).reshape(G, hs, R)
+        row_dot = (grad_y_t * y_t).sum(1)  # (G, R): rowsum(dy * y) of the softmax backward
+        k_scaled = k2 * (1.0 / math.sqrt(hs))
+        grad_q_t, grad_k_t, grad_v_t = torch.empty_like(y_t), k2.new_empty((G, hs, T)), k2.new_empty((G, hs, T))
+        for start in range(0, G, ctx.chunk):
+            c = slice(start, start + ctx.chunk)
+            p, dy_t = probs[c], grad_y_t[c]
+            torch.bmm(dy_t, p, out=grad_v_t[c])  # (P^T dy)^T
+            # dS = P * (dP - rowsum(dy * y)) with dP = dy v^T
+            grad_scores = torch.bmm(dy_t.transpose(1, 2), v2[c].transpose(1, 2)).sub_(row_dot[c, :, None]).mul_(p)
+            # S = q k^T * scale: dq = dS (k * scale), dk = dS^T (q * scale)
+            torch.bmm(k_scaled[c].transpose(1, 2), grad_scores.transpose(1, 2), out=grad_q_t[c])
+            torch.bmm(q_scaled[c].transpose(1, 2), grad_scores, out=grad_k_t[c])
         grad_q = grad_q_t.view(B, nkv, hs, group, T).permute(0, 1, 3, 4, 2).reshape(B, nkv * group, T, hs)
         return (grad_q.to(ctx.dtype), grad_k_t.view(B, nkv, hs, T).transpose(2, 3).to(ctx.dtype),
                 grad_v_t.view(B, nkv, hs, T).transpose(2, 3).to(ctx.dtype))

@@ -125,8 +125,11 @@ def test_fused_head_under_bf16_autocast_is_close_to_fp32():
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
 
 
-@pytest.mark.parametrize("B, nh, nkv, T, hs", [(2, 6, 2, 9, 4), (2, 8, 2, 7, 8), (2, 4, 4, 5, 2), (1, 3, 1, 1, 4)])
-def test_small_head_attention_equals_sdpa_with_its_gradients(B, nh, nkv, T, hs):
+@pytest.mark.parametrize("chunk_scores", [2**18, 800])  # one chunk; chunks of 3-4 groups, the last short
+@pytest.mark.parametrize("B, nh, nkv, T, hs", [(2, 6, 2, 9, 4), (3, 8, 2, 7, 8), (2, 4, 4, 5, 2), (1, 3, 1, 1, 4)])
+def test_small_head_attention_equals_sdpa_with_its_gradients(monkeypatch, chunk_scores, B, nh, nkv, T, hs):
+    monkeypatch.setattr(model_module, "SMALL_HEAD_CHUNK_SCORES", chunk_scores)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     torch.manual_seed(0)
     # q, k, v as the projections leave them: (B, T, heads, hs) memory seen as (B, heads, T, hs)
     q, k, v = (torch.randn(B, T, n, hs, dtype=torch.float64).transpose(1, 2).requires_grad_()
@@ -135,6 +138,8 @@ def test_small_head_attention_equals_sdpa_with_its_gradients(B, nh, nkv, T, hs):
     reference = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=nkv != nh)
     torch.testing.assert_close(ours, reference.transpose(1, 2).reshape(B, T, nh * hs))
     assert torch.autograd.gradcheck(SmallHeadCausalAttention.apply, (q, k, v))
+    with torch.no_grad():  # without gradients, one chunk's buffer serves every chunk
+        torch.testing.assert_close(SmallHeadCausalAttention.apply(q, k, v), ours.detach())
 
 
 def test_model_with_small_head_attention_equals_model_with_sdpa(monkeypatch):
