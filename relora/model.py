@@ -77,12 +77,28 @@ def rope_tables(head_dim: int, seq_len: int, theta: float, device=None):
 
 def apply_rope(x, cos, sin):
     """Rotate adjacent pairs (x[..., 2i], x[..., 2i+1]) of x (B, n, T, hs) in fp32 by the angles
-    of the tables: (x_2i cos - x_2i+1 sin, x_2i sin + x_2i+1 cos), which is the complex product
-    (x_2i + i x_2i+1)(cos + i sin), as LLaMA writes it: one pass over x forward and one backward
-    (a real-valued swap-multiply-add takes four, 2-3x the time)."""
+    of the tables: (x_2i cos - x_2i+1 sin, x_2i sin + x_2i+1 cos)."""
+    if torch.compiler.is_compiling():  # inductor fuses the real form into one kernel; it has no complex codegen
+        return rope_real(x, cos, sin)
+    return rope_complex(x, cos, sin)
+
+
+def rope_complex(x, cos, sin):
+    """The rotation as the complex product (x_2i + i x_2i+1)(cos + i sin), as LLaMA writes it: one
+    pass over x forward and one backward in eager mode (the real form takes four, 2-3x the time)."""
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, n, T, hs/2)
     rotation = torch.complex(cos.float(), sin.float())  # (T, hs/2)
     return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
+
+
+def rope_real(x, cos, sin):
+    """The same rotation in real arithmetic: x * (cos, cos) + swap(x) * (-sin, sin), the tables
+    interleaved to (T, hs)."""
+    cos_hs = cos.float().repeat_interleave(2, dim=-1)  # (T, hs): cos_i, cos_i
+    sin_hs = torch.stack((-sin.float(), sin.float()), dim=-1).flatten(-2)  # (T, hs): -sin_i, sin_i
+    x_fp32 = x.float()
+    swapped = x_fp32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (B, n, T, hs): x_2i+1, x_2i
+    return (x_fp32 * cos_hs + swapped * sin_hs).type_as(x)
 
 
 # PyTorch's fused CPU attention kernel works in (32-query x T-key) tiles whose matmuls have inner

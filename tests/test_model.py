@@ -5,7 +5,7 @@ import torch.nn.functional as F
 import relora.model as model_module
 from relora.config import load_study, model_config
 from relora.model import (ModelConfig, PicoDecoder, SmallHeadCausalAttention, apply_rope, count_parameters, pad_vocab,
-                          rope_tables)
+                          rope_real, rope_tables)
 
 
 def small_config(**overrides):
@@ -56,14 +56,15 @@ def test_rope_rotates_adjacent_pairs_by_position():
         torch.testing.assert_close(y[t, 2:], torch.tensor([torch.cos(torch.tensor(t / 100)), torch.sin(torch.tensor(t / 100))]))
 
 
+@pytest.mark.parametrize("rope", [apply_rope, rope_real])  # eager (complex) and compiled (real) forms
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_equals_the_pairwise_rotation_formula(dtype):
+def test_rope_equals_the_pairwise_rotation_formula(rope, dtype):
     torch.manual_seed(0)
     cos, sin = rope_tables(head_dim=8, seq_len=5, theta=10000.0)
     x = torch.randn(2, 5, 3, 8).transpose(1, 2).to(dtype)  # (B, n, T, hs) as the projections leave it
     even, odd = x.float()[..., 0::2], x.float()[..., 1::2]
     expected = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
-    y = apply_rope(x, cos, sin)
+    y = rope(x, cos, sin)
     assert y.dtype == dtype
     torch.testing.assert_close(y, expected.to(dtype))
 
