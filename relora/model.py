@@ -104,9 +104,9 @@ def rope_real(x, cos, sin):
 # PyTorch's fused CPU attention kernel works in (32-query x T-key) tiles whose matmuls have inner
 # dimension head_size; at head sizes 4 and 8 (the default study's d=48 and the paper's tiny d=96)
 # those tiles run far below the machine's GEMM rate. Up to these sizes attention on CPU computes
-# the (T, T) probabilities explicitly (SmallHeadCausalAttention): 1.7-2x faster forward + backward
-# and 1.3-1.8x faster forward alone at head size 4 and 8 with T=128 and 512, slower than the fused
-# kernel from head size 16 (2-core Zen 4, 1 and 2 threads; benchmarks/run.py prints the attention
+# the (T, T) probabilities explicitly (SmallHeadCausalAttention): 1.6-2.3x faster forward + backward
+# and 1.3-1.8x faster forward alone at head size 4 and 8 with T=128 and 512, 0.84-0.98x the fused
+# kernel at head size 16 (2-core Zen 4, 1 and 2 threads; benchmarks/run.py prints the attention
 # rows). The probabilities it keeps for the backward take B*nh*T^2 floats per layer, hence the
 # sequence bound.
 SMALL_HEAD_MAX_DIM = 8
@@ -230,10 +230,10 @@ class Block(nn.Module):
         return x + self.swiglu(self.swiglu_norm(x))
 
 
-# logits per chunk of LMHeadCrossEntropy: (GPU, CPU). 16 MB of fp32 logits on CPU: with vocab
+# logits per chunk of LMHeadCrossEntropy, by device type. 16 MB of fp32 logits on CPU: with vocab
 # 8192, 512-row chunks measured 4-10% faster than 256 and within 2% of 1024-2048 at d=96 and
 # d=384, fp32 and bf16 (2-core Zen 4), and use a quarter of 2048's memory.
-LM_HEAD_CHUNK_LOGITS = (2**27, 2**22)
+LM_HEAD_CHUNK_LOGITS = {"cpu": 2**22, "cuda": 2**27}
 
 
 class LMHeadCrossEntropy(torch.autograd.Function):
@@ -250,7 +250,7 @@ class LMHeadCrossEntropy(torch.autograd.Function):
         h_mm, w_mm = h.to(dtype), weight.to(dtype)
         predicted = targets != -100
         n = predicted.sum().clamp(min=1)
-        rows = max(1, LM_HEAD_CHUNK_LOGITS[device == "cpu"] // weight.shape[0])
+        rows = max(1, LM_HEAD_CHUNK_LOGITS.get(device, LM_HEAD_CHUNK_LOGITS["cuda"]) // weight.shape[0])
         loss = torch.zeros((), device=h.device)
         grad_h = torch.empty_like(h_mm) if with_grad else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if with_grad else None

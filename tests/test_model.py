@@ -100,7 +100,7 @@ def _loss_and_grads(model, idx, targets):
 @pytest.mark.parametrize("chunk_logits", [None, 3 * 128])  # one chunk; 3-row chunks, the last short
 def test_fused_head_loss_and_gradients_equal_cross_entropy_on_logits(monkeypatch, chunk_logits):
     if chunk_logits:
-        monkeypatch.setattr(model_module, "LM_HEAD_CHUNK_LOGITS", (chunk_logits, chunk_logits))
+        monkeypatch.setitem(model_module.LM_HEAD_CHUNK_LOGITS, "cpu", chunk_logits)
     torch.manual_seed(0)
     model = PicoDecoder(small_config()).train()
     idx = torch.randint(0, 128, (2, 11))
