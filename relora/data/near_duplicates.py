@@ -1,0 +1,130 @@
+"""Near-copies stay on one side of the train/held-out split: documents grouped by shared shingles.
+
+Removing exact duplicates is not enough for evaluation sets: LAMBADA's passages are overlapping
+windows of the same novels, HellaSwag items built from one video share their context, MATH
+restates a problem with other numbers. Split document by document, a held-out passage can sit
+almost whole inside a training one. The split is decided before any tokenizer exists, so
+documents are compared by shingles: runs of n words, normalised (lower case, letters and digits
+only) so that punctuation, markup and spacing do not hide a copy. A document of fewer than n
+words has one shingle, all its words.
+
+Documents that share a shingle are linked, and linked documents form a group (connected
+components by union-find); the split then assigns whole groups. A shingle found in more than
+`max_docs` documents is boilerplate (a standard question stem, a figure's code preamble, a
+licence line) rather than evidence of a copy: it is ignored, so that it does not chain a whole
+domain into one group.
+
+Groups are held out in a seeded order (a hash of the seed and the group's smallest document
+digest, so a group's chance does not grow with its size) while each of their domains still has
+room: every domain's held-out share, counted in documents, ends at round(fraction x documents),
+unless its groups are too large to reach it. A group larger than the room left goes to training.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import numpy as np
+
+from .overlap import window_hashes
+
+_WORD = re.compile(r"\w+")
+
+
+def normalised_words(text: str) -> list[str]:
+    """The words a shingle is made of: lower-cased runs of letters, digits and underscores."""
+    return _WORD.findall(text.lower())
+
+
+def document_shingles(sequences: list, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(shingle hash, document index) of every shingle of every document, sorted by hash then
+    document, one entry per (shingle, document). `sequences` are each document's words (or, for
+    pretokenized documents, token ids): a document of fewer than n of them has one shingle."""
+    vocab: defaultdict = defaultdict()
+    vocab.default_factory = vocab.__len__  # word -> id in order of first sight: deterministic
+    ids = [np.fromiter(map(vocab.__getitem__, seq), dtype=np.int64, count=len(seq))
+           for seq in sequences]
+    lengths = np.array([len(x) for x in ids], dtype=np.int64)
+    hashes, docs = [], []
+    if lengths.sum():
+        flat = np.concatenate(ids)
+        doc_of = np.repeat(np.arange(len(ids)), lengths)
+        h = window_hashes(flat, n)
+        inside = doc_of[:h.size] == doc_of[n - 1:n - 1 + h.size]  # no window across documents
+        hashes.append(h[inside])
+        docs.append(doc_of[:h.size][inside])
+    short = np.flatnonzero((lengths > 0) & (lengths < n))
+    if short.size:
+        hashes.append(np.concatenate([window_hashes(ids[i], len(ids[i])) for i in short]))
+        docs.append(short)
+    if not hashes:
+        return np.empty(0, np.uint64), np.empty(0, np.int64)
+    h, d = np.concatenate(hashes), np.concatenate(docs)
+    order = np.lexsort((d, h))
+    h, d = h[order], d[order]
+    first = np.ones(h.size, dtype=bool)
+    first[1:] = (h[1:] != h[:-1]) | (d[1:] != d[:-1])
+    return h[first], d[first]
+
+
+def group_documents(sequences: list, n: int, max_docs: int) -> tuple[np.ndarray, dict]:
+    """A group label per document (the smallest document index of its group) and statistics:
+    documents sharing a shingle found in at most max_docs documents are in one group."""
+    h, d = document_shingles(sequences, n)
+    starts = np.flatnonzero(np.r_[True, h[1:] != h[:-1]]) if h.size else np.empty(0, np.int64)
+    docs_per_shingle = np.diff(np.r_[starts, h.size])
+    run = np.repeat(np.arange(starts.size), docs_per_shingle)
+    linking = (docs_per_shingle >= 2) & (docs_per_shingle <= max_docs)
+    # each document of a linking shingle is linked to the previous one of the same shingle
+    follows = np.zeros(h.size, dtype=bool)
+    follows[1:] = (run[1:] == run[:-1]) & linking[run[1:]]
+    a, b = d[np.flatnonzero(follows) - 1], d[follows]
+
+    parent = list(range(len(sequences)))
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for x, y in zip(a.tolist(), b.tolist()):
+        rx, ry = root(x), root(y)
+        if rx != ry:
+            parent[max(rx, ry)] = min(rx, ry)
+    labels = np.array([root(x) for x in range(len(sequences))], dtype=np.int64)
+    sizes = np.bincount(labels, minlength=len(sequences))
+    stats = {"shingles": int(starts.size),
+             "shared_shingles": int(linking.sum()),
+             "frequent_shingles_ignored": int((docs_per_shingle > max_docs).sum()),
+             "groups": int((sizes > 0).sum()),
+             "documents_in_groups_of_2_or_more": int(sizes[sizes > 1].sum()),
+             "largest_group": int(sizes.max()) if sizes.size else 0}
+    return labels, stats
+
+
+def split_groups(labels: np.ndarray, domains: list[str], keys: dict[int, float],
+                 fraction: float) -> np.ndarray:
+    """Held-out mask: whole groups in increasing key order, each while every domain it touches
+    has room below its quota round(fraction x its documents)."""
+    labels = np.asarray(labels)
+    members: dict[int, list[int]] = defaultdict(list)
+    for i, label in enumerate(labels.tolist()):
+        members[label].append(i)
+    total: dict[str, int] = defaultdict(int)
+    for domain in domains:
+        total[domain] += 1
+    room = {domain: round(fraction * n) for domain, n in total.items()}
+    heldout = np.zeros(len(domains), dtype=bool)
+    for label in sorted(members, key=lambda g: (keys[g], g)):
+        need: dict[str, int] = defaultdict(int)
+        for i in members[label]:
+            need[domains[i]] += 1
+        if all(room[domain] >= k for domain, k in need.items()):
+            for domain, k in need.items():
+                room[domain] -= k
+            heldout[members[label]] = True
+            if not any(room.values()):
+                break
+    return heldout
