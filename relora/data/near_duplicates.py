@@ -11,8 +11,8 @@ words has one shingle, all its words.
 Documents that share a shingle are linked, and linked documents form a group (connected
 components by union-find); the split then assigns whole groups. A shingle found in more than
 `max_docs` documents is boilerplate (a standard question stem, a figure's code preamble, a
-licence line) rather than evidence of a copy: it is ignored, so that it does not chain a whole
-domain into one group.
+licence line) rather than evidence of a copy: it is ignored, and so are the shingles that
+overlap it in a document, so that boilerplate does not chain a whole domain into one group.
 
 Groups are held out in a seeded order (a hash of the seed and the group's smallest document
 digest, so a group's chance does not grow with its size) while each of their domains still has
@@ -37,49 +37,58 @@ def normalised_words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
-def document_shingles(sequences: list, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(shingle hash, document index) of every shingle of every document, sorted by hash then
-    document, one entry per (shingle, document). `sequences` are each document's words (or, for
-    pretokenized documents, token ids): a document of fewer than n of them has one shingle."""
+def document_shingles(sequences: list, n: int, max_docs: int) -> tuple:
+    """Every shingle occurrence of every document, sorted by hash then document: (hash, document
+    index, number of documents with that shingle, whether the occurrence can link). `sequences`
+    are each document's words (or, for pretokenized documents, token ids); a document of fewer
+    than n of them has one shingle, all of them.
+
+    An occurrence cannot link when its shingle is in more than max_docs documents, nor when it
+    overlaps such a frequent shingle in its document: a shingle of boilerplate plus a word or
+    two of text (the common words after a standard question stem) would otherwise still chain
+    the documents that happen to continue the boilerplate alike."""
     vocab: defaultdict = defaultdict()
     vocab.default_factory = vocab.__len__  # word -> id in order of first sight: deterministic
     ids = [np.fromiter(map(vocab.__getitem__, seq), dtype=np.int64, count=len(seq))
            for seq in sequences]
     lengths = np.array([len(x) for x in ids], dtype=np.int64)
-    hashes, docs = [], []
-    if lengths.sum():
-        flat = np.concatenate(ids)
-        doc_of = np.repeat(np.arange(len(ids)), lengths)
-        h = window_hashes(flat, n)
-        inside = doc_of[:h.size] == doc_of[n - 1:n - 1 + h.size]  # no window across documents
-        hashes.append(h[inside])
-        docs.append(doc_of[:h.size][inside])
+    flat = np.concatenate(ids) if ids else np.empty(0, np.int64)
+    doc_of = np.repeat(np.arange(len(ids)), lengths)
+    h = window_hashes(flat, n)
+    inside = doc_of[:h.size] == doc_of[n - 1:n - 1 + h.size]  # no window across documents
+    start = np.flatnonzero(inside)  # each window's first word in `flat`
     short = np.flatnonzero((lengths > 0) & (lengths < n))
-    if short.size:
-        hashes.append(np.concatenate([window_hashes(ids[i], len(ids[i])) for i in short]))
-        docs.append(short)
-    if not hashes:
-        return np.empty(0, np.uint64), np.empty(0, np.int64)
-    h, d = np.concatenate(hashes), np.concatenate(docs)
-    order = np.lexsort((d, h))
-    h, d = h[order], d[order]
-    first = np.ones(h.size, dtype=bool)
-    first[1:] = (h[1:] != h[:-1]) | (d[1:] != d[:-1])
-    return h[first], d[first]
+    hashes = np.concatenate([h[inside], *[window_hashes(ids[i], len(ids[i])) for i in short]])
+    docs = np.concatenate([doc_of[start], short])
+    start = np.concatenate([start, np.full(short.size, -1)])  # -1: the whole of a short document
+
+    order = np.lexsort((docs, hashes))
+    hashes, docs, start = hashes[order], docs[order], start[order]
+    new_shingle = np.ones(hashes.size, dtype=bool)
+    new_shingle[1:] = hashes[1:] != hashes[:-1]
+    new_doc = new_shingle.copy()
+    new_doc[1:] |= docs[1:] != docs[:-1]
+    shingle = np.cumsum(new_shingle) - 1
+    n_docs = np.bincount(shingle, weights=new_doc).astype(np.int64)[shingle]
+
+    # words covered by a frequent shingle are boilerplate; no occurrence touching one links
+    frequent = np.zeros(flat.size + n, dtype=np.int64)
+    frequent[start[(n_docs > max_docs) & (start >= 0)]] = 1
+    seen = np.r_[0, np.cumsum(frequent)]  # seen[k] = frequent windows starting before k
+    lo, hi = np.maximum(start - n + 1, 0), np.minimum(start + n, flat.size + n)
+    touches = (start >= 0) & (seen[hi] - seen[lo] > 0)
+    can_link = new_doc & (n_docs <= max_docs) & ~touches
+    return hashes, docs, n_docs, can_link
 
 
 def group_documents(sequences: list, n: int, max_docs: int) -> tuple[np.ndarray, dict]:
     """A group label per document (the smallest document index of its group) and statistics:
     documents sharing a shingle found in at most max_docs documents are in one group."""
-    h, d = document_shingles(sequences, n)
-    starts = np.flatnonzero(np.r_[True, h[1:] != h[:-1]]) if h.size else np.empty(0, np.int64)
-    docs_per_shingle = np.diff(np.r_[starts, h.size])
-    run = np.repeat(np.arange(starts.size), docs_per_shingle)
-    linking = (docs_per_shingle >= 2) & (docs_per_shingle <= max_docs)
-    # each document of a linking shingle is linked to the previous one of the same shingle
-    follows = np.zeros(h.size, dtype=bool)
-    follows[1:] = (run[1:] == run[:-1]) & linking[run[1:]]
-    a, b = d[np.flatnonzero(follows) - 1], d[follows]
+    hashes, docs, n_docs, can_link = document_shingles(sequences, n, max_docs)
+    # each linking occurrence is linked to the previous linking occurrence of the same shingle
+    linking = np.flatnonzero(can_link)
+    same = hashes[linking[1:]] == hashes[linking[:-1]]
+    a, b = docs[linking[:-1][same]], docs[linking[1:][same]]
 
     parent = list(range(len(sequences)))
 
@@ -95,9 +104,11 @@ def group_documents(sequences: list, n: int, max_docs: int) -> tuple[np.ndarray,
             parent[max(rx, ry)] = min(rx, ry)
     labels = np.array([root(x) for x in range(len(sequences))], dtype=np.int64)
     sizes = np.bincount(labels, minlength=len(sequences))
-    stats = {"shingles": int(starts.size),
-             "shared_shingles": int(linking.sum()),
-             "frequent_shingles_ignored": int((docs_per_shingle > max_docs).sum()),
+    first = np.ones(hashes.size, dtype=bool)
+    first[1:] = hashes[1:] != hashes[:-1]
+    stats = {"shingles": int(first.sum()),
+             "shared_shingles": int((first & (n_docs >= 2) & (n_docs <= max_docs)).sum()),
+             "frequent_shingles_ignored": int((first & (n_docs > max_docs)).sum()),
              "groups": int((sizes > 0).sum()),
              "documents_in_groups_of_2_or_more": int(sizes[sizes > 1].sum()),
              "largest_group": int(sizes.max()) if sizes.size else 0}
