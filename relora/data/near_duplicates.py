@@ -1,9 +1,10 @@
 """Near-copies stay on one side of the train/held-out split: documents grouped by shared shingles.
 
 Removing exact duplicates is not enough for evaluation sets: LAMBADA's passages are overlapping
-windows of the same novels, HellaSwag items built from one video share their context, MATH
-restates a problem with other numbers. Split document by document, a held-out passage can sit
-almost whole inside a training one. The split is decided before any tokenizer exists, so
+windows of the same novels, HellaSwag items built from one video share their context. Split
+document by document, a held-out passage can sit almost whole inside a training one (in the
+default corpus, 15 of 1,850 held-out documents had more than half of their 13-token windows in
+train.npy, one all of them). The split is decided before any tokenizer exists, so
 documents are compared by shingles: runs of n words, normalised (lower case, letters and digits
 only) so that punctuation, markup and spacing do not hide a copy. A document of fewer than n
 words has one shingle, all its words.
