@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import sys
@@ -320,9 +321,10 @@ class Trainer:
             check_state_file(path)
             state = torch.load(path, map_location=self.device, weights_only=True)
         except UnpicklingError as e:  # not what save_state writes: never run what a file asks for
-            raise ValueError(f"{path}: refusing to load: it holds objects other than tensors and plain "
-                             f"values, which a resume state never does ({str(e).splitlines()[-1]}); "
-                             "delete it to start the run from step 0") from None
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            raise ValueError(f"{path}: refusing to load: it asks to call {found[1] if found else 'a function'}, "
+                             "and a resume state holds only tensors and plain values (received or altered "
+                             "file?); delete it to start the run from step 0") from None
         except Exception as e:  # a torn or corrupt file: start over, loudly
             log.warning("%s: unreadable resume state (%s); starting from step 0", path, e)
             return False
