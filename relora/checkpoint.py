@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .io import atomic_write_text, sha256_file  # noqa: F401 (re-exported)
+from .io import atomic_write_text, replace_dir, sha256_file  # noqa: F401 (re-exported)
 from .lora import wrap_with_lora
 from .model import ModelConfig, PicoDecoder
 
@@ -62,9 +62,11 @@ def save_checkpoint(model: torch.nn.Module, step_dir: Path, model_config: dict, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointWriteError(f"{step_dir}: could not write the checkpoint ({e}); "
                                    "the checkpoints written before are unchanged") from e
-    if step_dir.exists():
-        shutil.rmtree(step_dir)
-    os.replace(tmp, step_dir)
+    try:  # an existing step_dir is replaced only when it is a checkpoint (an earlier write of it)
+        replace_dir(tmp, step_dir, CONFIG)
+    except ValueError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(str(e)) from None
     return step_dir
 
 

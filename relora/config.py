@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -78,11 +79,34 @@ def validate_schema(study: dict, source: str = "config", schema: dict | None = N
     except ImportError:  # the GPU machines run the core without jsonschema
         return
     schema = schema or load_schema()
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = _strict_validator(jsonschema)(schema)
     errors = sorted(validator.iter_errors(study), key=lambda e: list(e.absolute_path))
     if errors:
-        lines = [f"{source}: {_key_path(e.absolute_path)}: {e.message}" for e in errors[:10]]
+        lines = [f"{source}: {_key_path(e.absolute_path)}: {_message(e)}" for e in errors[:10]]
         raise ConfigError("invalid study config\n  " + "\n  ".join(lines))
+
+
+def _strict_validator(jsonschema):
+    """Draft 2020-12 with stricter numbers: JSON Schema counts 8.0 as an integer, which then
+    crashes `range()` or a tensor shape, and NaN or Inf as a number, which passes every bound
+    (`nan > 0` is false, so is `nan <= 0`). Here an integer is written as one (8, not 8.0 or
+    1e1) and a number is finite."""
+    base = jsonschema.Draft202012Validator
+    checker = base.TYPE_CHECKER.redefine_many({
+        "integer": lambda _, v: isinstance(v, int) and not isinstance(v, bool),
+        "number": lambda _, v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+    })
+    return jsonschema.validators.extend(base, type_checker=checker)
+
+
+def _message(error) -> str:
+    value = error.instance
+    if error.validator == "type" and isinstance(value, float):
+        if not math.isfinite(value):
+            return f"{value} is not a finite number"
+        if value.is_integer():
+            return f"{value} is not an integer: write {int(value)}"
+    return error.message
 
 
 def yaml_load(text_or_file):
@@ -298,10 +322,22 @@ def resolve_run(study: dict, size: str, condition: str, seed: int) -> dict:
     }
 
 
+# training keys that say how often state is saved, checkpoints kept or lines logged, and where
+# the arithmetic runs: none changes an update
+NOT_TRAJECTORY = ("save_state_every", "checkpoint_every", "log_every", "device")
+
+
 def run_config_hash(run: dict) -> str:
-    """Hash of everything that determines a run's trajectory (resume state carries it)."""
+    """Hash of what sets a run's training trajectory: model, data, method, the training keys
+    that change the updates, and the merge steps. A saved state resumes only under the same
+    hash (state.pt, checkpoints and run.json carry it). Saving state more often after a
+    preemption, or evaluating at other steps, keeps the progress (a checkpoint missing at a newly
+    configured step at or before the saved step still sends the run back to step 0); a device
+    change resumes too, and run.json then records both devices."""
     relevant = copy.deepcopy(run)
-    relevant["training"].pop("log_every", None)  # cosmetic: does not change the trajectory
+    for key in NOT_TRAJECTORY:
+        relevant["training"].pop(key, None)
+    relevant["steps"] = {"merge": run["steps"]["merge"]}  # not the checkpoint/evaluation/analysis steps
     blob = json.dumps(relevant, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -366,6 +366,8 @@ def read_eval_domains(eval_dir, max_docs: int | None = None) -> dict[str, tuple[
     """{domain: (token lists, n_bytes)} from eval/<domain>.parquet (doc_id, tokens, n_bytes)."""
     import pyarrow.parquet as pq
 
+    from .data.shards import check_eval_columns
+
     eval_dir = Path(eval_dir)
     files = sorted(eval_dir.glob("*.parquet")) if eval_dir.is_dir() else []
     if not files:
@@ -379,6 +381,7 @@ def read_eval_domains(eval_dir, max_docs: int | None = None) -> dict[str, tuple[
         missing = {"tokens", "n_bytes"} - set(table.column_names)
         if missing:
             raise ValueError(f"{file}: missing column(s) {', '.join(sorted(missing))}")
+        check_eval_columns(table, file)
         if "doc_id" in table.column_names:
             table = table.sort_by("doc_id")
         if max_docs is not None:

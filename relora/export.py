@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_checkpoint
+from .io import check_replaceable, replace_dir, write_marker
 from .lora import LoRALinear
 
 HF_NAMES = {"attention.q_proj": "self_attn.q_proj", "attention.k_proj": "self_attn.k_proj",
@@ -62,17 +63,25 @@ def hf_config(config) -> dict:
     }
 
 
+EXPORT_MARKER = ".relora-export"  # an export folder this command made, which a later export may replace
+
+
 def export_hf(checkpoint_dir: Path, out_dir: Path) -> Path:
-    """Write `config.json` and `model.safetensors` of a LlamaForCausalLM into out_dir."""
+    """Write `config.json` and `model.safetensors` of a LlamaForCausalLM into out_dir (absent,
+    empty or an earlier export; any other folder is refused)."""
     from safetensors.torch import save_file
 
-    model, meta = load_checkpoint(checkpoint_dir)
     out_dir = Path(out_dir)
+    check_replaceable(out_dir, EXPORT_MARKER)  # before the work: an earlier export, or nothing
+    model, meta = load_checkpoint(checkpoint_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(hf_state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(hf_config(model.config), indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    try:
+        write_marker(tmp, EXPORT_MARKER, {"checkpoint": str(Path(checkpoint_dir).resolve())})
+        save_file(hf_state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config(model.config), indent=2))
+        replace_dir(tmp, out_dir, EXPORT_MARKER)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

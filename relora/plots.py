@@ -560,6 +560,9 @@ def write_figures(db, out_dir, formats=FORMATS, names=None, settings: dict | Non
     for fmt in formats:
         if fmt not in FORMATS:
             raise ValueError(f"unknown figure format '{fmt}' (use {', '.join(FORMATS)})")
+    from .io import check_replaceable
+
+    check_replaceable(out_dir, "figures.json")  # absent, empty, or a figures folder of ours
     out_dir.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect(str(db), read_only=True)
     try:

@@ -20,6 +20,8 @@ from pathlib import Path
 from .io import atomic_write_text
 from .plots import DEFAULT_HEADLINE, METRIC_LABELS
 
+# in every report's <head>: what lets a later `relora report` know the file at --out is its own
+GENERATOR = '<meta name="generator" content="relora report">'
 CSS = """
 body { font-family: system-ui, -apple-system, 'Segoe UI', 'DejaVu Sans', sans-serif; margin: 2em auto;
        max-width: 1400px; padding: 0 1.5em; color: #222; line-height: 1.45; }
@@ -276,7 +278,7 @@ def build_report(db, figures_dir=None, config=None, manifest=None, out=Path("rep
     nav = " ".join(f'<a href="#{key}">{name}</a>' for key, name, _ in sections)
     body = "".join(f'<h2 id="{key}">{name}</h2>{content}' for key, name, content in sections)
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style>'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">{GENERATOR}<style>{CSS}</style>'
             f'</head><body><h1>{_esc(title)}</h1><p class="meta">{meta}</p><nav>{nav}</nav>{body}'
             "</body></html>\n")
 
@@ -285,6 +287,9 @@ def write_report(db, figures_dir=None, config=None, manifest=None, out="report.h
                  title: str | None = None) -> Path:
     """Write the report atomically (temporary file, then rename); return its path."""
     out = Path(out)
+    if out.exists() and not (out.is_file() and GENERATOR in out.read_bytes()[:1 << 16].decode("utf-8", "replace")):
+        raise ValueError(f"{out}: exists and is not a report written by `relora report`; refusing to "
+                         "replace it: move it away or choose another --out")
     text = build_report(db, figures_dir, config, manifest, out, title)
     return atomic_write_text(out, text)  # temporary name, then rename: never a torn report
 

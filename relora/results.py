@@ -149,6 +149,12 @@ def _sql_str(value) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
+def _sql_ident(name: str) -> str:
+    """A column name from a data file as a quoted SQL identifier (an inner `"` doubled), so a
+    name is only ever a name, never more SQL."""
+    return '"' + str(name).replace('"', '""') + '"'
+
+
 def _load_table(con, name: str, run_dirs: list[Path]) -> int:
     """Materialise one contract table from the run directories' Parquet files."""
     import pyarrow.parquet as pq
@@ -170,8 +176,8 @@ def _load_table(con, name: str, run_dirs: list[Path]) -> int:
                                f"(DESIGN 3.2: {name}({', '.join(contract)}))")
         select = [f"{_sql_str(size)}::VARCHAR AS size", f"{_sql_str(condition)}::VARCHAR AS condition",
                   f"{seed}::INTEGER AS seed"]
-        select += [f'CAST("{c}" AS {t}) AS "{c}"' for c, t in CONTRACT[name].items()]
-        select += [f'"{c}"' for c in columns if c not in contract]
+        select += [f"CAST({_sql_ident(c)} AS {t}) AS {_sql_ident(c)}" for c, t in CONTRACT[name].items()]
+        select += [_sql_ident(c) for c in columns if c not in contract]
         part = f"_{name}_{i}"
         try:
             con.execute(f"CREATE TEMP TABLE {part} AS SELECT {', '.join(select)} "
@@ -599,7 +605,11 @@ def aggregate(source, study: dict | str | Path | None, out_db, blimp_reference=N
     run_dirs = find_run_dirs(source)
 
     out_db = Path(out_db)
+    if out_db.exists() and not is_study_db(out_db):
+        raise ResultsError(f"{out_db}: exists and is not a study database written by `relora aggregate`; "
+                           "refusing to replace it: move it away or choose another --out")
     out_db.parent.mkdir(parents=True, exist_ok=True)
+    sweep_dead_temporaries(out_db)
     tmp = out_db.with_name(f".{out_db.name}.{os.getpid()}.tmp")
     wal = tmp.with_name(tmp.name + ".wal")
     for leftover in (tmp, wal):
@@ -622,6 +632,32 @@ def aggregate(source, study: dict | str | Path | None, out_db, blimp_reference=N
             leftover.unlink(missing_ok=True)
         raise
     return out_db
+
+
+def is_study_db(path: Path) -> bool:
+    """Whether `path` is a DuckDB file with the `study` table this module writes (so it may be
+    replaced by a new aggregation)."""
+    import duckdb
+
+    if not Path(path).is_file():
+        return False
+    try:
+        with duckdb.connect(str(path), read_only=True) as con:
+            return "relora_version" in _columns(con, "study")
+    except duckdb.Error:
+        return False
+
+
+def sweep_dead_temporaries(out_db: Path) -> None:
+    """Remove `.<name>.<pid>.tmp[.wal]` left by aggregations that were killed (their pid no
+    longer runs); those of a live aggregation are left to it."""
+    from .io import pid_alive
+
+    pattern = re.compile(rf"^\.{re.escape(out_db.name)}\.(\d+)\.tmp(\.wal)?$")
+    for path in out_db.parent.glob(f".{out_db.name}.*.tmp*"):
+        match = pattern.match(path.name)
+        if match and not pid_alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
 
 
 def _write_study_row(con, study: dict | None, settings: dict, n_runs: int) -> None:

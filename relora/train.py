@@ -6,10 +6,18 @@ steps; checkpoint `step_k` is the state after update k and any merge at k.
 
 Everything a run produces lives in its resume directory until the run ends: `state.pt` (model,
 optimizer, RNG, metric rows; the data position is the step, since batches are a pure function
-of (seed, step)), and the checkpoints written so far. A restarted run with the same resolved
-config continues from `state.pt`; a different config discards it. At the end the checkpoints,
-`train_metrics.parquet` and `run.json` (written last: the run's completion marker) are
-published into the run directory and the resume directory is deleted.
+of (seed, step)), and the checkpoints written so far. A restarted run whose training trajectory
+is the same (relora.config.run_config_hash) continues from `state.pt`; another discards it. At
+the end the checkpoints, `train_metrics.parquet` and `run.json` (the run's completion marker)
+are built beside the run directory and swapped in for it whole, and the resume directory is
+deleted.
+
+What a run may delete: the resume directory carries `.relora-resume` (the run's identity) from
+its creation and the run directory `.relora-run`; a folder at either path that is neither
+empty nor marked is the user's, and the run stops before writing anything, naming it. The run
+holds an exclusive lock on `<resume dir>/.lock` (host and pid inside) for its whole life, so a
+second writer of the same run fails at once. `state.pt` is loaded with `weights_only=True`: a
+received results folder cannot run code.
 """
 
 from __future__ import annotations
@@ -19,12 +27,14 @@ import logging
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from pickle import UnpicklingError  # what torch.load(weights_only=True) raises on a foreign object
 
 import numpy as np
 import torch
@@ -34,7 +44,8 @@ from . import __version__
 from .checkpoint import CheckpointWriteError, build_model, save_checkpoint
 from .config import run_config_hash
 from .data.manifest import verify_inputs
-from .io import atomic_path, atomic_write_text
+from .io import (atomic_path, atomic_write_text, check_replaceable, hold_lock, remove_owned_dir, replace_dir,
+                 write_marker)
 from .lora import merge_and_reinit, wrap_with_lora
 from .model import count_parameters
 from .optim import build_optimizer, lr_factor, reset_optimizer_state
@@ -42,6 +53,9 @@ from .optim import build_optimizer, lr_factor, reset_optimizer_state
 log = logging.getLogger("relora.train")
 
 STATE = "state.pt"
+RESUME_MARKER = ".relora-resume"  # in a resume directory, from its creation: the run's identity
+RUN_MARKER = ".relora-run"  # in a published run directory
+LOCK = ".lock"
 
 
 class TrainingDiverged(RuntimeError):
@@ -66,11 +80,13 @@ class TokenBatches:
     batches whatever their condition, and a resumed run needs no data state but its step.
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int):
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, source="train.npy"):
         self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
         self.n_windows = (len(tokens) - 1) // seq_len
         if self.n_windows < batch_size:
-            raise ValueError(f"{self.n_windows} windows of {seq_len + 1} tokens cannot fill a batch of {batch_size}")
+            raise ValueError(f"{source}: {len(tokens)} tokens make {self.n_windows} windows of data.seq_len "
+                             f"{seq_len} + 1 tokens, too few to fill a batch of training.batch_size {batch_size} "
+                             "(more training data, or a smaller seq_len or batch_size)")
         self._epoch, self._order = None, None
 
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -126,7 +142,8 @@ def training_batches(data_dir: Path, seq_len: int, batch_size: int, seed: int, v
             from .data.stream import StreamedBatches
 
             return StreamedBatches(train["datasets"], seq_len, batch_size, vocab_size)
-    return TokenBatches(load_train_tokens(data_dir, vocab_size), seq_len, batch_size, seed)
+    return TokenBatches(load_train_tokens(data_dir, vocab_size), seq_len, batch_size, seed,
+                        source=data_dir / "train.npy")
 
 
 # --- distributed ------------------------------------------------------------------------------
@@ -250,6 +267,8 @@ class Trainer:
         self.optimizer = None
         self.step = 0
         self.rows: list[dict] = []
+        self.devices = [self.device.type]  # every device type the run has trained on, in order
+        self.lock = None
         if self.attach_step == 0:
             self._attach_adapters()
         self._build_optimizer()
@@ -288,9 +307,10 @@ class Trainer:
     def save_state(self):
         if not self.is_main:
             return
-        save_state(self.resume_dir / STATE, {
+        save_state(self.resume_dir / STATE, {  # tensors and plain values only: loads with weights_only
             "run_config_hash": self.hash, "step": self.step, "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "rng": rng_state(self.device), "metrics": self.rows,
+            "devices": self.devices,
         })
 
     def try_resume(self) -> bool:
@@ -299,7 +319,12 @@ class Trainer:
             return False
         try:
             check_state_file(path)
-            state = torch.load(path, map_location=self.device, weights_only=False)
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except UnpicklingError as e:  # not what save_state writes: never run what a file asks for
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            raise ValueError(f"{path}: refusing to load: it asks to call {found[1] if found else 'a function'}, "
+                             "and a resume state holds only tensors and plain values (received or altered "
+                             "file?); delete it to start the run from step 0") from None
         except Exception as e:  # a torn or corrupt file: start over, loudly
             log.warning("%s: unreadable resume state (%s); starting from step 0", path, e)
             return False
@@ -321,19 +346,73 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"], self.device)
         self.rows = state["metrics"]
+        self.devices = list(state.get("devices", []))
+        if self.device.type not in self.devices[-1:]:
+            self.devices.append(self.device.type)
+            if len(self.devices) > 1:
+                log.warning("resuming on %s a run trained so far on %s: it will not be bitwise "
+                            "reproducible (run.json records both)", self.device.type, self.devices[-2])
         log.info("resumed from %s at step %d", path, self.step)
         return True
 
+    def identity(self) -> dict:
+        return {k: self.run[k] for k in ("study", "size", "condition", "seed")}
+
+    def claim_folders(self):
+        """Refuse folders that are not this run's, then create and lock the resume directory.
+
+        The run directory must be absent, empty or a published run; the resume directory absent,
+        empty or this run's (its marker). Nothing is written before both are checked."""
+        out, resume = self.out_dir.resolve(), self.resume_dir.resolve()
+        if out == resume or out in resume.parents or resume in out.parents:
+            raise ValueError(f"--out {self.out_dir} and --resume-dir {self.resume_dir} overlap; publishing "
+                             "would replace or delete one with the other: give two separate folders")
+        check_replaceable(self.out_dir, RUN_MARKER, "run.json")
+        check_replaceable(self.resume_dir, RESUME_MARKER)
+        marker = self.resume_dir / RESUME_MARKER
+        if marker.is_file():
+            try:
+                owner = json.loads(marker.read_text())
+            except json.JSONDecodeError:
+                owner = {}
+            owner = {k: owner.get(k) for k in self.identity()}
+            if owner != self.identity():
+                raise ValueError(f"{self.resume_dir}: holds the resume state of another run ({owner}); "
+                                 f"this run is {self.identity()}: give it its own --resume-dir")
+        self.resume_dir.mkdir(parents=True, exist_ok=True)
+        if not marker.is_file():
+            write_marker(self.resume_dir, RESUME_MARKER, self.identity())
+        self.lock = hold_lock(self.resume_dir / LOCK)
+
+    def release(self):
+        if self.lock is not None:
+            self.lock.close()  # closing the file releases the flock
+            self.lock = None
+
     def prepare_resume_dir(self):
-        """Resume from the saved state when it matches this run's config; else start clean."""
+        """Claim and lock the folders (rank 0: the other ranks are part of the same run), then
+        resume from the saved state when it matches this run's trajectory; else start clean."""
+        error = None
+        if self.is_main:
+            try:
+                self.claim_folders()
+            except ValueError as e:
+                error = str(e)
+        if self.world > 1:  # every rank stops when rank 0 refuses
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise ValueError(error)
         resumed = self.try_resume()
         if self.world > 1:
             dist.barrier()  # every rank has read the state before rank 0 may clear it
-        if self.is_main:
-            if not resumed and self.resume_dir.exists():
-                log.info("starting from step 0: clearing %s", self.resume_dir)
-                shutil.rmtree(self.resume_dir)
-            self.resume_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main and not resumed:
+            # only what a run writes there: anything else in the folder is left alone
+            if (self.resume_dir / STATE).exists() or (self.resume_dir / "checkpoints").exists():
+                log.info("starting from step 0: removing the state and checkpoints in %s", self.resume_dir)
+            (self.resume_dir / STATE).unlink(missing_ok=True)
+            shutil.rmtree(self.resume_dir / "checkpoints", ignore_errors=True)
         if self.world > 1:
             dist.barrier()
 
@@ -400,6 +479,12 @@ class Trainer:
     # the loop ------------------------------------------------------------------------------
     def fit(self, stop_after: int | None = None) -> dict:
         """Train to the last step (or `stop_after` steps, for tests) and publish the run."""
+        try:
+            return self._fit(stop_after)
+        finally:
+            self.release()
+
+    def _fit(self, stop_after: int | None) -> dict:
         self.prepare_resume_dir()
         if self.step == 0:
             self.checkpoint()
@@ -454,29 +539,37 @@ class Trainer:
                         for t in s.values() if torch.is_tensor(t))
         return {**self.run, "run_config_hash": self.hash, "params_total": total,
                 "params_trainable": trainable, "optimizer_state_bytes": opt_bytes,
-                "device": str(self.device), "world_size": self.world,
+                "device": str(self.device), "devices": self.devices,
+                "bitwise_reproducible": len(self.devices) == 1, "world_size": self.world,
                 "versions": {"relora": __version__, "torch": torch.__version__,
                              "python": platform.python_version(), "numpy": np.__version__}}
 
     def publish(self) -> dict:
-        """Move the run's products from the resume directory into the run directory."""
+        """Build the run directory beside its place from the resume directory, swap it in for
+        the old one whole (no checkpoint of an earlier run stays beside the new run.json), then
+        delete the resume directory."""
         record = self.run_record()
         if not self.is_main:
             return record
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        checkpoints = self.out_dir / "checkpoints"
-        checkpoints.mkdir(exist_ok=True)
+        staging = self.out_dir.with_name(f".{self.out_dir.name}.publishing")
+        remove_owned_dir(staging, RUN_MARKER)  # a publish killed half-way
+        staging.mkdir(parents=True)
+        write_marker(staging, RUN_MARKER, self.identity())
         # hard links, not moves: if this is killed half-way, the resume directory still holds
         # everything and the rerun publishes again
-        for step_dir in sorted((self.resume_dir / "checkpoints").glob("step_*")):
-            target = checkpoints / step_dir.name
-            if target.exists():
-                shutil.rmtree(target)
-            shutil.copytree(step_dir, target, copy_function=_link_or_copy)
-        write_metrics(self.rows, self.run, self.out_dir / "train_metrics.parquet")
-        atomic_write_text(self.out_dir / "run.json", json.dumps(record, indent=2))
+        shutil.copytree(self.resume_dir / "checkpoints", staging / "checkpoints", copy_function=_link_or_copy)
+        write_metrics(self.rows, self.run, staging / "train_metrics.parquet")
+        atomic_write_text(staging / "run.json", json.dumps(record, indent=2))
+        replace_dir(staging, self.out_dir, RUN_MARKER, "run.json")
         (self.resume_dir / STATE).unlink(missing_ok=True)  # first: a half-deleted folder is never resumed
-        shutil.rmtree(self.resume_dir)
+        shutil.rmtree(self.resume_dir / "checkpoints")
+        (self.resume_dir / RESUME_MARKER).unlink()
+        (self.resume_dir / LOCK).unlink()
+        self.release()
+        try:
+            self.resume_dir.rmdir()
+        except OSError:  # something else was put there: it is not ours to delete
+            log.warning("%s: left in place, it holds files the run did not write", self.resume_dir)
         return record
 
 

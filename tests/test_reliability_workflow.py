@@ -149,10 +149,15 @@ def test_two_training_jobs_at_once_share_nothing_writable(e2e_study, tmp_path):
     assert a_start < b_end and b_start < a_end, "the two jobs did not run at the same time"
     written = []
     for record in records:
-        own = [workdir / record["arg"]("--out"), workdir / record["arg"]("--resume-dir")]
+        out = workdir / record["arg"]("--out")
+        own = [out, workdir / record["arg"]("--resume-dir")]
         mine = set()
         for event, path in record["events"]:
-            if any(path.is_relative_to(d) for d in own):
+            # the run folder is built beside its place and swapped in whole (.<name>.publishing,
+            # the old one renamed to .<name>.replaced<pid> and removed): the run's own too
+            beside = path.is_relative_to(out.parent) and path != out.parent and \
+                path.relative_to(out.parent).parts[0].startswith(f".{out.name}.")
+            if any(path.is_relative_to(d) for d in own) or beside:
                 mine.add(path)
             elif event == "os.mkdir" and any(d.is_relative_to(path) for d in own):
                 continue  # a parent folder made with exist_ok (results/e2e/resume/size=mini, ...)

@@ -140,7 +140,7 @@ def _wait_for_state(resume, process, min_step=4, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if (resume / "state.pt").exists():
-            state = torch.load(resume / "state.pt", weights_only=False)
+            state = torch.load(resume / "state.pt", weights_only=True)
             if state["step"] >= min_step:
                 return state["step"]
         assert process.poll() is None, "training finished before it could be interrupted"
@@ -187,7 +187,7 @@ def test_preemption_signal_saves_and_exits_nonzero(tmp_path, data_dir, signum):
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 128 + signum
     assert "state saved" in stderr
-    state = torch.load(resume / "state.pt", weights_only=False)
+    state = torch.load(resume / "state.pt", weights_only=True)
     assert 2 <= state["step"] < 400 and not out.exists()
 
 

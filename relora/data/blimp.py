@@ -20,6 +20,7 @@ import json
 import os
 from pathlib import Path
 
+from ..io import safe_name
 from .manifest import atomic_path, write_stage
 
 REQUIRED = ("sentence_good", "sentence_bad", "field", "linguistics_term", "UID", "pairID")
@@ -111,6 +112,18 @@ def subset(pairs: list[dict], n: int | None, seed: int) -> list[dict]:
     return sorted(chosen, key=lambda p: (len(p["pairID"]), p["pairID"]))
 
 
+def previous_paradigm_files(out: Path) -> list[Path]:
+    """The .jsonl files in `out` that an earlier run of this stage wrote (its stage record lists
+    them); any other file there is not ours to delete."""
+    record = Path(out).parent / "stages" / "blimp.json"
+    try:
+        files = json.loads(record.read_text())["files"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+        return []
+    paths = [Path(out).parent / f["path"] for f in files if isinstance(f, dict) and "path" in f]
+    return [p for p in paths if p.parent.resolve() == Path(out).resolve() and p.suffix == ".jsonl"]
+
+
 def write_paradigm(path: Path, pairs: list[dict], source: str) -> Path:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for pair in pairs:
@@ -148,10 +161,12 @@ def build_blimp(study: dict, out: str | os.PathLike, corpus_dir: str | os.PathLi
         paradigms = {uid: subset(p, n, seed) for uid, p in load_hf(dataset, spec["paradigms"]).items()}
         label = f"hf:{dataset}"
     written = []
+    for uid in paradigms:  # UIDs can come from dataset rows: each must be one file name
+        safe_name(uid, f"{label}: BLiMP paradigm")
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("*.jsonl"):  # a previous source's paradigms must not linger
+    for stale in previous_paradigm_files(out):  # a previous source's paradigms must not linger
         if stale.name.removesuffix(".jsonl") not in paradigms:
-            stale.unlink()
+            stale.unlink(missing_ok=True)
     for uid, pairs in paradigms.items():
         written.append(write_paradigm(out / f"{uid}.jsonl", pairs, label))
     info.update(source_label=label, paradigms={uid: len(p) for uid, p in paradigms.items()},

@@ -44,6 +44,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from ..io import safe_name
 from .manifest import atomic_path, write_json, write_stage
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -99,16 +100,31 @@ def chunk_text(text: str, max_chars: int | None) -> list[str]:
 
 # --- sources ------------------------------------------------------------------------------
 
-def read_rows(path: Path, fields: list[str]) -> Iterator[tuple[str, dict]]:
+def decode_utf8(data: bytes, path: Path, invalid: dict | None = None) -> str:
+    """UTF-8 text of `data`. Bytes that are not UTF-8 become U+FFFD and are counted in
+    `invalid[str(path)]` (reported per domain in corpus.json and the manifest), never dropped
+    silently."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        if invalid is not None:  # valid UTF-8 round-trips exactly, so the difference is the bad bytes
+            bad = len(data) - len(data.decode("utf-8", errors="ignore").encode("utf-8"))
+            invalid[str(path)] = invalid.get(str(path), 0) + bad
+        return data.decode("utf-8", errors="replace")
+
+
+def read_rows(path: Path, fields: list[str], invalid: dict | None = None) -> Iterator[tuple[str, dict]]:
     """(row id, {field: value}) of each row of a .jsonl[.gz] / .parquet file, or the whole of a
-    .txt file as {fields[0]: text}. Raises CorpusError naming the file when a field is missing."""
+    .txt file as {fields[0]: text}. Raises CorpusError naming the file when a field is missing;
+    bytes that are not UTF-8 are counted in `invalid` (decode_utf8)."""
     path, name = Path(path), Path(path).name
     if name.endswith(".txt"):
-        yield "0", {fields[0]: path.read_bytes().decode("utf-8", errors="replace")}
+        yield "0", {fields[0]: decode_utf8(path.read_bytes(), path, invalid)}
     elif name.endswith((".jsonl", ".jsonl.gz", ".json.gz")):
         opener = gzip.open if name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-            for i, line in enumerate(f, 1):
+        with opener(path, "rb") as f:
+            for i, raw in enumerate(f, 1):
+                line = decode_utf8(raw, path, invalid)
                 if not line.strip():
                     continue
                 try:
@@ -153,11 +169,11 @@ def _expand(patterns: Iterable[str], what: str) -> list[Path]:
 
 
 def iter_files(patterns: Iterable[str], field: str, what: str = "data.corpus.files",
-               extra: tuple[str, ...] = ()) -> Iterator[tuple[str, str, object]]:
+               extra: tuple[str, ...] = (), invalid: dict | None = None) -> Iterator[tuple[str, str, object]]:
     """(source, row id, value) of every row of the matched files; with `extra` fields the value
-    is a dict of field -> value."""
+    is a dict of field -> value. Bytes that are not UTF-8 are counted in `invalid`."""
     for path in _expand(patterns, what):
-        for row_id, row in read_rows(path, [field, *extra]):
+        for row_id, row in read_rows(path, [field, *extra], invalid):
             yield path.name, row_id, (row if extra else row[field])
 
 
@@ -210,9 +226,10 @@ def domain_records(corpus: dict, cache: str | None = None) -> tuple[dict, dict]:
         for domain, patterns in files.items():
             patterns = [patterns] if isinstance(patterns, str) else patterns
             what = f"data.corpus.files.{domain}"
-            iterators[domain] = iter_files(patterns, corpus["text_field"], what)
+            invalid: dict[str, int] = {}  # file -> bytes that were not UTF-8, filled while reading
+            iterators[domain] = iter_files(patterns, corpus["text_field"], what, invalid=invalid)
             provenance[domain] = {"source": "files", "patterns": list(map(str, patterns)),
-                                  "text_field": corpus["text_field"]}
+                                  "text_field": corpus["text_field"], "invalid_utf8_bytes": invalid}
     elif source == "hf":
         specs = corpus.get("hf") or []
         if not specs:
@@ -223,6 +240,8 @@ def domain_records(corpus: dict, cache: str | None = None) -> tuple[dict, dict]:
             provenance[domain] = {"source": "hf", **spec}
     else:
         raise CorpusError(f"data.corpus.source: unknown source '{source}'")
+    for domain in iterators:  # each names the files train/<domain>.jsonl and heldout/<domain>.jsonl
+        safe_name(domain, f"data.corpus ({source}): domain")
     return iterators, provenance
 
 

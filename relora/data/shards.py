@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io import safe_name
 from .manifest import atomic_path, write_stage
 
 
@@ -94,6 +95,7 @@ def _eval_docs_hf(data: dict) -> dict[str, list[dict]]:
             row = value if extra else {field: value}
             domain = str(row[domain_field]) if domain_field else (spec.get("domain") or "eval")
             domain = domain.replace("/", "_").replace(" ", "_")
+            safe_name(domain, f"data.eval.hf[{i}]: domain ({domain_field or 'domain'} of {source} row {row_id})")
             by_domain.setdefault(domain, []).append(
                 {"id": f"{source}:{row_id}", "source": source, kind: row[field]})
     if not by_domain:
@@ -207,11 +209,26 @@ def _write_eval(path: Path, rows: dict) -> Path:
     return path
 
 
+def check_eval_columns(table, path) -> None:
+    """Raise naming the file and column when an eval table's `tokens` is not a list of integers
+    or its `n_bytes` not an integer (a file written by something else)."""
+    import pyarrow as pa
+
+    expected = {"tokens": ("a list of integers", lambda t: (pa.types.is_list(t) or pa.types.is_large_list(t))
+                           and pa.types.is_integer(t.value_type)),
+                "n_bytes": ("integers", pa.types.is_integer)}
+    for column, (what, ok) in expected.items():
+        if column in table.column_names and not ok(table.schema.field(column).type):
+            raise ShardError(f"{path}: column '{column}' holds {table.schema.field(column).type}, "
+                             f"expected {what}")
+
+
 def read_eval(path: str | os.PathLike) -> dict:
     """doc_id, tokens (list of int arrays) and n_bytes of one eval/<domain>.parquet."""
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
+    check_eval_columns(table, path)
     return {"doc_id": table.column("doc_id").to_pylist(),
             "tokens": [np.asarray(t, dtype=np.int64) for t in table.column("tokens").to_pylist()],
             "n_bytes": np.asarray(table.column("n_bytes").to_pylist(), dtype=np.int64)}

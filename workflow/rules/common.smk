@@ -139,8 +139,10 @@ def get_blimp_source(wildcards):
 
 
 def get_run_hash(wildcards):
-    """What a training run depends on (the resolver's hash, also tagging its resume state)."""
-    return run_config_hash(get_run(wildcards))
+    """What a training run's files depend on: its trajectory (the resolver's hash, also tagging
+    its resume state), the checkpoints it publishes and the device it names."""
+    run = get_run(wildcards)
+    return config_hash(run_config_hash(run), run["steps"]["checkpoint"], run["training"]["device"])
 
 
 def get_evaluation_hash(wildcards):
