@@ -102,9 +102,10 @@ def get_data_hash(wildcards):
 
 
 def blimp_settings():
-    """evaluation.blimp less `reference`, which only draws lines in figures."""
+    """evaluation.blimp less `reference` and `balanced_range`, which only the database and the
+    figures read."""
     blimp = STUDY["evaluation"].get("blimp", {})
-    return {k: v for k, v in blimp.items() if k != "reference"}
+    return {k: v for k, v in blimp.items() if k not in ("reference", "balanced_range")}
 
 
 def get_blimp_hash(wildcards):
