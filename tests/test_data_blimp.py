@@ -391,3 +391,34 @@ def test_generated_blimp_is_balanced_with_the_default_study_counts(default_corpu
 
     recorded = {r["uid"]: r["accuracy"] for r in pq.read_table(data / "blimp_unigram.parquet").to_pylist()}
     assert recorded == pytest.approx(accuracy)
+
+
+@pytest.mark.slow
+def test_unigram_baseline_of_the_published_blimp(default_corpus_data, blimp_dir, tmp_path):
+    """A local folder of real BLiMP: one unigram row per paradigm, as recomputed here; the
+    scorer decides some published paradigms almost entirely (why `blimp_balanced` exists)."""
+    import os
+    import shutil
+
+    import pyarrow.parquet as pq
+    from tokenizers import Tokenizer
+
+    from relora.data.unigram import UnigramScorer, counts_from_token_file, outside_range, unigram_accuracy
+
+    src = default_corpus_data.data
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.npy", "tokenizer.json"):
+        os.symlink(src / name, data / name)
+    shutil.copytree(src / "stages", data / "stages")
+    info = build_blimp(study(str(blimp_dir), 200), data / "blimp", tokenizer=data / "tokenizer.json", log=quiet)
+    assert info["unigram"]["counts_from"] == "train.npy"
+    recorded = pq.read_table(data / "blimp_unigram.parquet").to_pylist()
+    assert len(recorded) == 67 and {r["pairs"] for r in recorded} == {200}
+    tok = Tokenizer.from_file(str(data / "tokenizer.json"))
+    scorer = UnigramScorer(counts_from_token_file(data / "train.npy", tok.get_vocab_size()),
+                           lambda text: tok.encode(text, add_special_tokens=False).ids)
+    expected = unigram_accuracy(load_local(data / "blimp"), scorer, recorded[0]["source"])
+    assert recorded == expected
+    outside = outside_range(recorded)
+    assert outside and len(outside) < 67
