@@ -220,13 +220,20 @@ NPI_DET_NON_LICENSORS_SG = ("the", "a", "this", "that", "one", "each", "every")
 NPI_DET_NON_LICENSORS_PL = ("the", "these", "those", "many", "several", "all", "most", "two", "three")
 
 
+def _seen(pools: Pools, words: tuple[str, ...]) -> tuple[str, ...]:
+    """The words frequent enough in the corpus, or all of them when too few are."""
+    kept = tuple(w for w in words if pools.frequent(w))
+    return kept if len(kept) >= 2 or (kept and len(words) == 1) else words
+
+
 def npi_negation_ever(rng, pools):
     """`ever` after a negative adverb (`not`, `hardly`, ...) vs after one that does not license
     it (`probably`, `also`, ...): BLiMP's sentential_negation_npi_licensor_present
     construction, one word differing."""
     verb, obj = _perfect_clause(rng, pools)
     name, aux = rng.choice(pools.names()), rng.choice(("has", "had"))
-    licensor, other = rng.choice(NPI_ADVERB_LICENSORS), rng.choice(NPI_ADVERB_NON_LICENSORS)
+    licensor = rng.choice(_seen(pools, NPI_ADVERB_LICENSORS))
+    other = rng.choice(_seen(pools, NPI_ADVERB_NON_LICENSORS))
     return (sentence(name, aux, licensor, "ever", verb.pp, obj),
             sentence(name, aux, other, "ever", verb.pp, obj))
 
@@ -243,7 +250,7 @@ def npi_no_ever(rng, pools):
     licensors = NPI_DET_LICENSORS_PL if plural else NPI_DET_LICENSORS_SG
     others = NPI_DET_NON_LICENSORS_PL if plural else NPI_DET_NON_LICENSORS_SG
     form, aux = _form(noun, plural), rng.choice(("have" if plural else "has", "had"))
-    licensor, other = rng.choice(licensors), _article(rng.choice(others), form)
+    licensor, other = rng.choice(_seen(pools, licensors)), _article(rng.choice(_seen(pools, others)), form)
     return (sentence(licensor, form, aux, "ever", verb.pp, obj),
             sentence(other, form, aux, "ever", verb.pp, obj))
 
