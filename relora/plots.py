@@ -29,7 +29,7 @@ METRIC_LABELS = {"train_loss": "training loss (nats/token)",
                  "train_loss_smoothed": "training loss, smoothed (nats/token)",
                  "bpb": "held-out bits per byte", "ppl": "held-out perplexity",
                  "ppl_doc_mean": "held-out perplexity (document mean)",
-                 "blimp": "BLiMP accuracy", "blimp_balanced": "BLiMP accuracy, frequency-balanced paradigms",
+                 "blimp": "BLiMP accuracy", "blimp_balanced": "BLiMP, balanced paradigms",
                  "per/weight/w_2": "PER of w_2 weights",
                  "condition_number/weight/w_2": "condition number of w_2 weights"}
 
@@ -393,12 +393,13 @@ def blimp_paradigms(ctx: Context):
         alt.Chart().transform_filter(alt.datum.kind == "band").mark_rect(color="#eeeeee").encode(
             x=alt.X("lo:Q", scale=alt.Scale(domain=[0, 1])), x2="hi:Q"),
         alt.Chart().mark_rule(strokeDash=[2, 2], color="#888888").encode(x=alt.datum(0.5)),
-        alt.Chart().transform_filter(alt.datum.kind == "unigram").mark_point(
-            shape="cross", size=60, color="#8c564b", filled=True).encode(x=x, y=y, tooltip=tip),
-        alt.Chart().transform_filter(alt.datum.kind == "untrained").mark_point(
-            shape="circle", size=40, color="#888888", filled=False).encode(x=x, y=y, tooltip=tip),
         alt.Chart().transform_filter(alt.datum.kind == "run").mark_point(
             size=30, filled=True, opacity=0.9).encode(x=x, y=y, color=ctx.color("who"), tooltip=tip),
+        alt.Chart().transform_filter(alt.datum.kind == "untrained").mark_point(
+            shape="circle", size=40, color="#888888", filled=False).encode(x=x, y=y, tooltip=tip),
+        # on top: where the models sit exactly on the unigram scorer, the cross stays visible
+        alt.Chart().transform_filter(alt.datum.kind == "unigram").mark_point(
+            shape="cross", size=60, color="#8c564b", filled=True, opacity=0.8).encode(x=x, y=y, tooltip=tip),
     ]
     chart = alt.layer(*layers, data=ctx.data(data)).properties(width=300, height=max(120, 13 * len(uids)))
     outside = sum(1 for u in uids if not low <= unigram.get(u, 0.5) <= high)
@@ -603,13 +604,18 @@ def gap_vs_size(ctx: Context):
                                       alt.Tooltip("ci_high:Q", format=".4g"),
                                       alt.Tooltip("p_value:Q", format=".3g"), "n_seeds:Q"]),
     ]
-    if max_seeds >= 2:
+    over_paradigms = any(r["test"] == "paired_t_paradigms" and r["ci_low"] is not None for r in data)
+    if max_seeds >= 2 or over_paradigms:
         layers.append(base.mark_rule(strokeWidth=1.5).encode(
             y=alt.Y("ci_low:Q", title=f"condition − {ctx.reference}"), y2="ci_high:Q"))
+    if max_seeds >= 2:
         subtitle = (f"mean paired difference over seeds (n_seeds = {max_seeds}) with "
                     f"{ctx.confidence:.0%} t-intervals; 0 = no gap")
     else:
-        subtitle = "n_seeds = 1: point gaps, no confidence intervals; 0 = no gap"
+        subtitle = "n_seeds = 1: point gaps, no confidence intervals over seeds; 0 = no gap"
+    if over_paradigms:
+        subtitle += (f"; BLiMP: {ctx.confidence:.0%} t-intervals over paradigms (paired per-paradigm "
+                     "differences)")
     chart = alt.layer(*layers, data=ctx.data(data)).properties(width=170, height=190)
     return chart.facet(column=alt.Column("panel:N", title=None, sort=panels,
                                          header=alt.Header(labelFontSize=11))).resolve_scale(

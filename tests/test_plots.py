@@ -160,3 +160,13 @@ def test_bad_arguments(db, tmp_path):
         plots.write_figures(db, tmp_path, formats=["gif"])
     with pytest.raises(FileNotFoundError):
         plots.write_figures(tmp_path / "none.duckdb", tmp_path)
+
+
+def test_one_seed_blimp_gaps_have_intervals_over_paradigms(tmp_path):
+    study = syn.write_synthetic_study(tmp_path, conditions=("full", "relora"), seeds=(0,))
+    s = specs(aggregate(tmp_path, study, tmp_path / "study.duckdb"))
+    title = json.dumps(s["gap_vs_size"]["title"])
+    assert "no confidence intervals over seeds" in title and "t-intervals over paradigms" in title
+    gap = rows(s["gap_vs_size"])
+    assert all((r["ci_low"] is not None) == (r["metric"] == "blimp") for r in gap)
+    assert '"y2"' in json.dumps(s["gap_vs_size"])

@@ -58,7 +58,7 @@ def test_report_has_tables_config_and_manifest(study):
     assert "training loss (nats/token)" in text and "p (paired t)" in text
     assert "p (paper's z-test, anti-conservative)" in text  # the paper's test, labelled as such
     assert "BLiMP and word frequency" in text and "outside [0.35, 0.65] on 3 of 6 paradigms" in text
-    assert "BLiMP accuracy, frequency-balanced paradigms" in text  # a headline metric
+    assert "BLiMP, balanced paradigms" in text  # a headline metric
     assert "relora-paper" not in text.split("Study config")[0]  # only the study's conditions
     assert "seq_len: 128" in text                               # the YAML shown as given
     assert "ab" * 32 in text and "synthetic &lt;test&gt;" in text  # manifest table, escaped
