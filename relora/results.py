@@ -37,8 +37,8 @@ Tables (materialised, so the file is portable) and views, DESIGN 3.2 plus the st
                   `analysis.final_loss_window` steps); `bpb`, `ppl` (pooled over domains: token-
                   and byte-weighted), `ppl_doc_mean` (mean of the domains' document means) and
                   `bpb/<domain>`, `ppl/<domain>`, `ppl_doc_mean/<domain>`; `blimp` (mean of the
-                  paradigms, DESIGN 1.2), `blimp_balanced` (mean of the frequency-balanced
-                  paradigms only; absent without baselines) and `blimp/<phenomenon>`; `<metric>/<target>` and
+                  paradigms), `blimp_balanced` (mean of the frequency-balanced paradigms only;
+                  absent without baselines) and `blimp/<phenomenon>`; `<metric>/<target>` and
                   `<metric>/<target>/<module>` for every dynamics metric except CKA (mean over
                   layers). `n`: pairs (BLiMP), tokens (perplexity), steps (smoothed loss) or
                   layers (dynamics). `better`: 'lower', 'higher' or NULL (no direction).

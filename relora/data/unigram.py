@@ -98,7 +98,8 @@ class UnigramScorer:
         return self.score(good) > self.score(bad)
 
 
-def unigram_accuracy(paradigms: dict[str, list[dict]], scorer: UnigramScorer, source: str | None = None) -> list[dict]:
+def unigram_accuracy(paradigms: dict[str, list[dict]], scorer: UnigramScorer,
+                     source: str | None = None) -> list[dict]:
     """One row per paradigm ({UID: pairs in BLiMP's format}): the unigram scorer's accuracy."""
     rows = []
     for uid, pairs in sorted(paradigms.items()):
@@ -109,7 +110,8 @@ def unigram_accuracy(paradigms: dict[str, list[dict]], scorer: UnigramScorer, so
     return rows
 
 
-def outside_range(rows: list[dict], low: float = BALANCED_RANGE[0], high: float = BALANCED_RANGE[1]) -> list[str]:
+def outside_range(rows: list[dict], low: float = BALANCED_RANGE[0],
+                  high: float = BALANCED_RANGE[1]) -> list[str]:
     """The paradigms a frequency scorer solves or anti-solves: accuracy outside [low, high]."""
     return [r["uid"] for r in rows if not low <= r["accuracy"] <= high]
 
@@ -128,7 +130,8 @@ def write_unigram_table(rows: list[dict], path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def study_unigram_counts(data_dir: str | os.PathLike, vocab_size: int, stream_rows: int) -> tuple[np.ndarray, dict]:
+def study_unigram_counts(data_dir: str | os.PathLike, vocab_size: int,
+                         stream_rows: int) -> tuple[np.ndarray, dict]:
     """(counts, how they were obtained) for the study whose data folder is `data_dir`: from
     train.npy, or from the first `stream_rows` rows of the training stream the tokenize stage
     recorded (train.kind 'stream')."""
