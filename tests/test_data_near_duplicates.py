@@ -167,7 +167,8 @@ def test_no_heldout_document_of_the_default_corpus_is_mostly_in_training(default
     """The study's own check: 13-token windows of its trained BPE. Before documents were grouped
     (split one by one), 15 of the 1,850 held-out documents had more than half of their windows
     in train.npy, up to all of them (a LAMBADA window inside a longer one)."""
-    data, root = default_corpus_data
+    root = default_corpus_data.data
+    data = default_corpus_data.study["data"]
     overlap = heldout_overlap(root, n=13)
     shares = {doc_id: s for rows in overlap.values() for doc_id, s in rows if s is not None}
     assert len(shares) > 1000

@@ -17,7 +17,21 @@ def db(tmp_path_factory, request):
     reference = syn.Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "blimp" / "reference"
     if reference.is_dir():
         study["evaluation"]["blimp"] = {"reference": str(reference)}
-    return aggregate(root, study, root / "study.duckdb")
+    return aggregate(root, study, root / "study.duckdb", blimp_baselines=write_baselines(root))
+
+
+# unigram scorer accuracies of the synthetic paradigms: three inside [0.35, 0.65], three outside
+UNIGRAM = dict(zip((p[0] for p in syn.PARADIGMS), (0.5, 0.9, 0.2, 0.45, 0.6, 0.0)))
+
+
+def write_baselines(root):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = root / "blimp_unigram.parquet"
+    pq.write_table(pa.table({"uid": list(UNIGRAM), "baseline": ["unigram"] * len(UNIGRAM),
+                             "accuracy": list(UNIGRAM.values()), "pairs": [syn.PAIRS] * len(UNIGRAM)}), path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +107,32 @@ def test_blimp_reference_lines_join_by_uid(db, blimp_dir):
     assert {r["phenomenon"] for r in per} == {p[1] for p in syn.PARADIGMS}
 
 
+def test_blimp_figures_show_the_unigram_and_untrained_baselines(db):
+    s = specs(db)
+    overall = rows(s["blimp_overall"])
+    balanced = {u for u, a in UNIGRAM.items() if 0.35 <= a <= 0.65}
+    runs = [r for r in overall if r["kind"] == "run" and r["step"] == syn.STEPS]
+    assert {r["panel"] for r in runs} == {"all paradigms", "frequency-balanced paradigms"}
+    r = next(r for r in runs if r["size"].startswith("tiny") and r["condition"] == "full" and r["seed"] == 0
+             and r["panel"] == "frequency-balanced paradigms")
+    expected = [syn.blimp_accuracy("tiny", "full", 0, syn.STEPS, i) for i, p in enumerate(syn.PARADIGMS)
+                if p[0] in balanced]
+    assert r["paradigms"] == 3 and r["accuracy"] == pytest.approx(sum(expected) / 3)
+    base = {(r["panel"], r["model"]): r["accuracy"] for r in overall
+            if r["kind"] == "baseline" and r["size"].startswith("tiny")}
+    assert base[("all paradigms", "unigram")] == pytest.approx(sum(UNIGRAM.values()) / 6)
+    assert base[("frequency-balanced paradigms", "unigram")] == pytest.approx(
+        sum(UNIGRAM[u] for u in balanced) / 3)
+    step0 = [syn.blimp_accuracy("tiny", c, seed, 0, i) for c in syn.CONDITIONS for seed in syn.SEEDS
+             for i in range(len(syn.PARADIGMS))]
+    assert base[("all paradigms", "untrained (step 0)")] == pytest.approx(sum(step0) / len(step0))
+    per = rows(s["blimp_paradigms"])
+    assert {r["uid"]: r["accuracy"] for r in per if r["kind"] == "unigram"} == UNIGRAM
+    assert {r["who"] for r in per if r["kind"] == "run"} == set(syn.CONDITIONS)
+    assert len([r for r in per if r["kind"] == "untrained"]) == len(syn.SIZES) * len(syn.PARADIGMS)
+    assert "3 of 6 paradigms lie outside" in json.dumps(s["blimp_paradigms"]["title"])
+
+
 def test_one_seed_study_says_so_and_missing_data_gives_notes(tmp_path):
     missing = {(s, c, 0): ["blimp", "dynamics"] for s in ("tiny", "small") for c in ("full", "relora")}
     study = syn.write_synthetic_study(tmp_path, conditions=("full", "relora"), seeds=(0,), missing=missing)
@@ -101,7 +141,7 @@ def test_one_seed_study_says_so_and_missing_data_gives_notes(tmp_path):
     title = json.dumps(s["gap_vs_size"]["title"])
     assert "n_seeds = 1" in title and "no confidence intervals" in title
     assert '"y2"' not in json.dumps(s["gap_vs_size"])  # no interval bars
-    for name in ("blimp_overall", "blimp_phenomena", "per_weight", "cka_to_final"):
+    for name in ("blimp_overall", "blimp_phenomena", "blimp_paradigms", "per_weight", "cka_to_final"):
         assert "no " in json.dumps(s[name]), name
     out = plots.write_figures(db, tmp_path / "figures", formats=["png"], names=["cka_to_final"], scale=1)
     assert (tmp_path / "figures" / "cka_to_final.png").stat().st_size > 1000 and len(out) == 1
@@ -120,3 +160,13 @@ def test_bad_arguments(db, tmp_path):
         plots.write_figures(db, tmp_path, formats=["gif"])
     with pytest.raises(FileNotFoundError):
         plots.write_figures(tmp_path / "none.duckdb", tmp_path)
+
+
+def test_one_seed_blimp_gaps_have_intervals_over_paradigms(tmp_path):
+    study = syn.write_synthetic_study(tmp_path, conditions=("full", "relora"), seeds=(0,))
+    s = specs(aggregate(tmp_path, study, tmp_path / "study.duckdb"))
+    title = json.dumps(s["gap_vs_size"]["title"])
+    assert "no confidence intervals over seeds" in title and "t-intervals over paradigms" in title
+    gap = rows(s["gap_vs_size"])
+    assert all((r["ci_low"] is not None) == (r["metric"] == "blimp") for r in gap)
+    assert '"y2"' in json.dumps(s["gap_vs_size"])

@@ -23,8 +23,11 @@ def study(tmp_path_factory):
     manifest = root.parent / "manifest.json"
     manifest.write_text(json.dumps({"files": {"train.npy": {"bytes": 1234, "sha256": "ab" * 32}},
                                     "sources": {"corpus": "synthetic <test>"}}))
+    from test_plots import write_baselines  # three of six paradigms outside [0.35, 0.65]
+
     db = root / "study.duckdb"
-    assert main(["aggregate", "--results", str(root), "--out", str(db)]) == 0
+    assert main(["aggregate", "--results", str(root), "--blimp-baselines", str(write_baselines(root)),
+                 "--out", str(db)]) == 0
     assert main(["figures", "--db", str(db), "--out-dir", str(root / "figures"), "--formats", "png",
                  "html", "--only", "train_loss", "gap_vs_size"]) == 0
     out = root / "report.html"
@@ -52,7 +55,10 @@ def test_report_has_tables_config_and_manifest(study):
     for heading in ("Final metrics", "Gap to 'full'", "Figures", "Runs", "Study config",
                     "Data manifest"):
         assert heading in text, heading
-    assert "training loss (nats/token)" in text and "p (paired t)" in text and "p (z-test)" in text
+    assert "training loss (nats/token)" in text and "p (paired t)" in text
+    assert "p (paper's z-test, anti-conservative)" in text  # the paper's test, labelled as such
+    assert "BLiMP and word frequency" in text and "outside [0.35, 0.65] on 3 of 6 paradigms" in text
+    assert "BLiMP, balanced paradigms" in text  # a headline metric
     assert "relora-paper" not in text.split("Study config")[0]  # only the study's conditions
     assert "seq_len: 128" in text                               # the YAML shown as given
     assert "ab" * 32 in text and "synthetic &lt;test&gt;" in text  # manifest table, escaped

@@ -118,7 +118,17 @@ def test_gap_is_a_paired_t_test_against_the_reference(db, size, condition):
     assert g["better"] == "lower" and g["test"] == "paired_t"
     blimp = rows(db, "SELECT * FROM gap WHERE size=? AND condition=? AND metric='blimp'", size, condition)[0]
     assert blimp["mean_diff"] < 0 and blimp["better"] == "higher"  # ReLoRA is worse on BLiMP too
-    assert 0 < blimp["ztest_p_value"] < 1 and 0 < blimp["wilcoxon_p_value"] < 1
+    # BLiMP's headline test is over paradigms (seed-averaged accuracies); over seeds kept aside
+    acc = {c: [np.mean([syn.blimp_accuracy(size, c, s, syn.STEPS, i) for s in syn.SEEDS])
+               for i in range(len(syn.PARADIGMS))] for c in (condition, "full")}
+    assert blimp["test"] == "paired_t_paradigms" and blimp["n_paradigms"] == len(syn.PARADIGMS)
+    assert blimp["p_value"] == pytest.approx(stats.ttest_rel(acc[condition], acc["full"]).pvalue)
+    c = [np.mean([syn.blimp_accuracy(size, condition, s, syn.STEPS, i) for i in range(len(syn.PARADIGMS))])
+         for s in syn.SEEDS]
+    f = [np.mean([syn.blimp_accuracy(size, "full", s, syn.STEPS, i) for i in range(len(syn.PARADIGMS))])
+         for s in syn.SEEDS]
+    assert blimp["seed_p_value"] == pytest.approx(stats.ttest_rel(c, f).pvalue)
+    assert 0 < blimp["paper_ztest_p_anticonservative"] < 1 and 0 < blimp["wilcoxon_p_value"] < 1
 
 
 def test_gap_widens_with_size_and_excludes_the_reference(db):
@@ -138,16 +148,22 @@ def test_blimp_tests_match_scipy(db):
     z = (x_c / n - x_f / n) / math.sqrt(pooled * (1 - pooled) * 2 / n)
     t = {r["test"]: r for r in rows(db, "SELECT * FROM blimp_tests WHERE size=? AND condition=? "
                                         "AND seed=? AND metric='blimp'", size, condition, seed)}
-    assert t["two_proportion_z"]["statistic"] == pytest.approx(z)
-    assert t["two_proportion_z"]["p_value"] == pytest.approx(2 * stats.norm.sf(abs(z)))
-    assert t["two_proportion_z"]["n"] == n
+    paper = t["paper_two_proportion_z_anticonservative"]
+    assert paper["statistic"] == pytest.approx(z) and paper["role"] == "paper (anti-conservative)"
+    assert paper["p_value"] == pytest.approx(2 * stats.norm.sf(abs(z)))
+    assert paper["n"] == n
     w = stats.wilcoxon(acc_c, acc_f)
     assert t["wilcoxon_signed_rank"]["statistic"] == pytest.approx(w.statistic)
     assert t["wilcoxon_signed_rank"]["p_value"] == pytest.approx(w.pvalue)
     assert t["wilcoxon_signed_rank"]["n"] == len(syn.PARADIGMS)
-    # pooled over seeds: counts summed, seed NULL; per phenomenon too
+    paired = stats.ttest_rel(acc_c, acc_f)
+    headline = t["paired_t_paradigms"]
+    assert headline["role"] == "headline" and headline["n"] == len(syn.PARADIGMS)
+    assert (headline["statistic"], headline["p_value"]) == (pytest.approx(paired.statistic),
+                                                          pytest.approx(paired.pvalue))
+    # pooled over seeds: counts summed, seed NULL; per phenomenon too (no baselines: no balanced)
     pooled_rows = rows(db, "SELECT * FROM blimp_tests WHERE size=? AND condition=? AND seed IS NULL "
-                           "AND test='two_proportion_z'", size, condition)
+                           "AND test='paper_two_proportion_z_anticonservative'", size, condition)
     assert {r["metric"] for r in pooled_rows} == {"blimp", *(f"blimp/{p}" for p in
                                                               {p[1] for p in syn.PARADIGMS})}
     assert next(r for r in pooled_rows if r["metric"] == "blimp")["n"] == n * len(syn.SEEDS)
@@ -161,7 +177,9 @@ def test_one_seed_gives_nan_p_and_point_gaps(tmp_path):
     assert g["mean_diff"] == pytest.approx(syn.final_train_loss("tiny", "relora", 0)
                                            - syn.final_train_loss("tiny", "full", 0))
     blimp = rows(con, "SELECT * FROM gap WHERE size='tiny' AND condition='relora' AND metric='blimp'")[0]
-    assert 0 < blimp["ztest_p_value"] < 1  # the one test a one-seed study has
+    # one seed: no test over seeds, but the paradigms still give the headline BLiMP test
+    assert math.isnan(blimp["seed_p_value"]) and 0 < blimp["p_value"] < 1
+    assert blimp["ci_low"] < blimp["mean_diff"] < blimp["ci_high"]
     s = rows(con, "SELECT * FROM metric_summary WHERE metric='bpb' LIMIT 1")[0]
     assert s["n_seeds"] == 1 and math.isnan(s["std"])
 
@@ -248,3 +266,82 @@ def test_run_json_must_agree_with_its_directory(tmp_path):
     shutil.copytree(src, tmp_path / "runs" / "size=tiny" / "condition=full" / "seed=3")
     with pytest.raises(results.ResultsError, match="seed is 0"):
         aggregate(tmp_path, None, tmp_path / "s.duckdb")
+
+
+# --- BLiMP statistics on a hand-computed case ------------------------------------------------
+
+def _blimp_run(root, condition, accuracies, pairs=100, seed=0):
+    """A run directory holding only blimp.parquet: three paradigms at the last step."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run = root / "runs" / "size=tiny" / f"condition={condition}" / f"seed={seed}"
+    run.mkdir(parents=True)
+    uids = ["p0", "p1", "p2"]
+    pq.write_table(pa.table({"step": [0] * 3 + [100] * 3, "uid": uids * 2,
+                             "phenomenon": ["a", "a", "b"] * 2, "field": ["syntax"] * 6,
+                             "pairs": [pairs] * 6, "accuracy": [0.5] * 3 + list(accuracies),
+                             "source": ["generated"] * 6}), run / "blimp.parquet")
+
+
+def test_blimp_statistics_on_a_hand_computed_case(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _blimp_run(tmp_path, "full", [0.5, 0.5, 0.5])
+    _blimp_run(tmp_path, "relora", [0.6, 0.7, 0.8])
+    baselines = tmp_path / "blimp_unigram.parquet"
+    pq.write_table(pa.table({"uid": ["p0", "p1", "p2"], "phenomenon": ["a", "a", "b"],
+                             "baseline": ["unigram"] * 3, "accuracy": [0.5, 0.9, 0.35],
+                             "pairs": [100] * 3}), baselines)
+    con = duckdb.connect(str(aggregate(tmp_path, None, tmp_path / "s.duckdb", blimp_baselines=baselines)),
+                         read_only=True)
+    t = {(r["metric"], r["test"]): r for r in rows(con, "SELECT * FROM blimp_tests WHERE seed IS NULL")}
+    # per-paradigm differences 0.1, 0.2, 0.3: mean 0.2, sd 0.1, t = 0.2 / (0.1 / sqrt 3) = 2 sqrt 3;
+    # with 2 degrees of freedom the two-sided p is 1 - |t| / sqrt(t^2 + 2) = 1 - sqrt(12 / 14)
+    # and the 97.5% quantile is sqrt 2 * 0.95 / sqrt(1 - 0.95^2)
+    headline = t[("blimp", "paired_t_paradigms")]
+    assert headline["statistic"] == pytest.approx(2 * math.sqrt(3))
+    assert headline["p_value"] == pytest.approx(1 - math.sqrt(12 / 14))
+    half = math.sqrt(2) * 0.95 / math.sqrt(1 - 0.95 ** 2) * 0.1 / math.sqrt(3)
+    assert (headline["ci_low"], headline["ci_high"]) == (pytest.approx(0.2 - half), pytest.approx(0.2 + half))
+    assert headline["n"] == 3 and headline["diff"] == pytest.approx(0.2)
+    # Wilcoxon: three positive differences, W = 0; exact two-sided p = 2 / 2^3
+    assert t[("blimp", "wilcoxon_signed_rank")]["statistic"] == 0
+    assert t[("blimp", "wilcoxon_signed_rank")]["p_value"] == pytest.approx(0.25)
+    # the paper's z-test: 210 / 300 vs 150 / 300 correct, pooled 0.6, se = sqrt(.6 .4 2 / 300) = 0.04
+    paper = t[("blimp", "paper_two_proportion_z_anticonservative")]
+    assert paper["statistic"] == pytest.approx(5.0) and paper["n"] == 300
+    assert paper["p_value"] == pytest.approx(math.erfc(5 / math.sqrt(2)))
+    assert paper["p_value"] < 1e-6 < headline["p_value"]  # the anti-conservative one
+    # balanced paradigms: the unigram baseline within [0.35, 0.65] (inclusive): p0 and p2
+    assert t[("blimp_balanced", "paired_t_paradigms")]["n"] == 2
+    final = {(r["condition"], r["metric"]): r for r in rows(con, "SELECT * FROM final")}
+    assert final[("relora", "blimp")]["value"] == pytest.approx(0.7)
+    assert final[("relora", "blimp_balanced")]["value"] == pytest.approx(0.7)
+    assert final[("full", "blimp_balanced")]["n"] == 200
+    assert final[("relora", "blimp/a")]["value"] == pytest.approx(0.65)
+    gap = {r["metric"]: r for r in rows(con, "SELECT * FROM gap")}
+    assert gap["blimp"]["p_value"] == pytest.approx(headline["p_value"])
+    assert gap["blimp"]["test"] == "paired_t_paradigms" and gap["blimp"]["n_paradigms"] == 3
+    assert gap["blimp"]["paper_ztest_p_anticonservative"] == pytest.approx(paper["p_value"])
+    assert gap["blimp"]["wilcoxon_p_value"] == pytest.approx(0.25)
+    assert gap["blimp_balanced"]["mean_diff"] == pytest.approx(0.2)
+    # one paradigm in phenomenon b: no test over paradigms
+    assert math.isnan(gap["blimp/b"]["p_value"])
+    base = rows(con, "SELECT * FROM blimp_baselines ORDER BY uid")
+    assert [r["accuracy"] for r in base] == [0.5, 0.9, 0.35] and base[0]["baseline"] == "unigram"
+    study = rows(con, "SELECT * FROM study")[0]
+    assert (study["blimp_balanced_low"], study["blimp_balanced_high"]) == (0.35, 0.65)
+    # a narrower configured range keeps only p0
+    narrow = {"evaluation": {"blimp": {"balanced_range": [0.4, 0.6]}}}
+    con2 = duckdb.connect(str(aggregate(tmp_path, narrow, tmp_path / "n.duckdb", blimp_baselines=baselines)),
+                          read_only=True)
+    n = con2.execute("SELECT value FROM final WHERE condition='relora' AND metric='blimp_balanced'").fetchall()
+    assert n == [(pytest.approx(0.6),)]
+    with pytest.raises(results.ResultsError, match="balanced_range"):
+        aggregate(tmp_path, {"evaluation": {"blimp": {"balanced_range": [0.7, 0.3]}}}, tmp_path / "x.duckdb")
+    pq.write_table(pa.table({"uid": ["p0", "p0"], "baseline": ["unigram"] * 2, "accuracy": [0.5, 0.5],
+                             "pairs": [1, 1]}), tmp_path / "dup.parquet")
+    with pytest.raises(results.ResultsError, match="appears twice"):
+        aggregate(tmp_path, None, tmp_path / "y.duckdb", blimp_baselines=tmp_path / "dup.parquet")

@@ -1,5 +1,6 @@
 """The whole workflow, end to end, on the shrunk study run once per session (`e2e_study`)."""
 
+import json
 import shutil
 
 import pytest
@@ -49,6 +50,16 @@ def test_database_has_every_table_and_view(e2e_study):
         n_runs = len(e2e_study.run_dirs())
         assert db.execute("select count(*) from runs").fetchone()[0] == n_runs
         assert db.execute("select count(distinct (condition, seed)) from train_metrics").fetchone()[0] == n_runs
+        # the data stage's unigram frequency baseline, one row per paradigm the runs evaluated
+        uids = {r[0] for r in db.execute("select distinct uid from blimp").fetchall()}
+        baseline = dict(db.execute("select uid, accuracy from blimp_baselines where baseline = 'unigram'").fetchall())
+        assert set(baseline) == uids and all(0 <= a <= 1 for a in baseline.values())
+        metrics = {r[0] for r in db.execute("select distinct metric from final").fetchall()}
+        assert "blimp" in metrics and ("blimp_balanced" in metrics) == any(
+            0.35 <= a <= 0.65 for a in baseline.values())
+    manifest = json.loads((e2e_study.results / "data/manifest.json").read_text())
+    assert "blimp_unigram.parquet" in manifest["files"]
+    assert manifest["stages"]["blimp"]["unigram"]["counts_from"] == "train.npy"
 
 
 def test_nothing_left_to_do_after_the_run(e2e_study):
@@ -91,6 +102,14 @@ def test_changing_blimp_reruns_evaluation_not_training(copied_study, tmp_path):
     assert counts["blimp"] == 1
     assert counts["evaluate"] == len(study["seeds"]) * len(study["conditions"])
     assert not {"train", "dynamics", "corpus", "tokenize"} & set(counts)
+
+
+def test_changing_the_balanced_range_reaggregates_only(copied_study, tmp_path):
+    workdir, study = copied_study
+    study["evaluation"]["blimp"]["balanced_range"] = [0.4, 0.6]
+    counts = job_counts(dry_run_with(workdir, study, tmp_path))
+    assert counts.get("aggregate") == 1
+    assert not {"blimp", "evaluate", "train", "tokenize"} & set(counts)
 
 
 def test_scheduling_changes_rerun_nothing(copied_study, tmp_path):

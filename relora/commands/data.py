@@ -7,6 +7,7 @@ Each subcommand takes the study config and explicit paths, so each Snakemake rul
     relora tokenize  --config S --corpus DATA/corpus --tokenizer DATA/tokenizer.json --out DATA
     relora probe     --config S --eval DATA/eval --out DATA/probe.npy
     relora blimp     --config S --corpus DATA/corpus --tokenizer DATA/tokenizer.json --out DATA/blimp
+                     (after tokenize: also DATA/blimp_unigram.parquet, the frequency baseline)
     relora manifest  --data DATA [--verify]
 
 Every stage records its files (size, sha256) in DATA/stages/<stage>.json and refreshes
@@ -75,7 +76,7 @@ def blimp(args) -> int:
     from relora.data.blimp import build_blimp
 
     started = time.perf_counter()
-    build_blimp(_study(args), args.out, corpus_dir=args.corpus, log=_log)
+    build_blimp(_study(args), args.out, corpus_dir=args.corpus, tokenizer=args.tokenizer, log=_log)
     _log(f"blimp: done in {time.perf_counter() - started:.1f} s")
     return 0
 
@@ -131,7 +132,10 @@ def register(subparsers) -> None:
     common(p)
     p.add_argument("--corpus", default=None,
                    help="corpus folder; the generator keeps words frequent in its training split")
-    p.add_argument("--tokenizer", default=None, help="accepted for the workflow; unused")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json: with it, the unigram frequency baseline (counts from the "
+                        "data folder's train.npy or training stream) balances generated pairs and "
+                        "is written to DATA/blimp_unigram.parquet")
     p.add_argument("--out", required=True, help="folder to write <UID>.jsonl into (DATA/blimp)")
 
     p = add("manifest", manifest, "merge the stage records into manifest.json, or --verify it")

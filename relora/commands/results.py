@@ -16,6 +16,9 @@ def register(subparsers) -> None:
     source.add_argument("--runs", type=Path, nargs="+", help="explicit run directories")
     p.add_argument("--blimp-reference", type=Path, default=None,
                    help="folder of published BLiMP accuracies (overrides evaluation.blimp.reference)")
+    p.add_argument("--blimp-baselines", type=Path, default=None,
+                   help="the data stage's blimp_unigram.parquet: the unigram frequency baseline per "
+                        "paradigm (table blimp_baselines, metric blimp_balanced)")
     p.add_argument("--out", required=True, type=Path, help="the DuckDB file to write")
     p.set_defaults(handler=run_aggregate)
 
@@ -46,7 +49,7 @@ def run_aggregate(args) -> int:
     start = time.perf_counter()
     try:
         out = aggregate(args.runs if args.runs else args.results, study, args.out,
-                        blimp_reference=args.blimp_reference)
+                        blimp_reference=args.blimp_reference, blimp_baselines=args.blimp_baselines)
     except ResultsError as e:
         raise ValueError(str(e)) from None
     print(f"relora aggregate: wrote {out} in {time.perf_counter() - start:.1f} s")

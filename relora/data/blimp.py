@@ -131,13 +131,32 @@ def write_paradigm(path: Path, pairs: list[dict], source: str) -> Path:
     return path
 
 
+def _unigram_scorer(spec: dict, data_dir: Path, tokenizer: str | os.PathLike, log):
+    """The frequency scorer of the study (unigram.py) and how its counts were obtained."""
+    from .tokenizer import load_tokenizer
+    from .unigram import UnigramScorer, study_unigram_counts
+
+    tok = load_tokenizer(tokenizer)
+    counts, info = study_unigram_counts(data_dir, tok.get_vocab_size(), spec.get("unigram_rows", 10000))
+    log(f"blimp: unigram counts from {info['counts_from']} ({info['tokens']:,} tokens)")
+    return UnigramScorer(counts, lambda text: tok.encode(text, add_special_tokens=False).ids), info
+
+
 def build_blimp(study: dict, out: str | os.PathLike, corpus_dir: str | os.PathLike | None = None,
-                log=print) -> dict:
-    """Run the blimp stage: <out>/<UID>.jsonl for every paradigm of evaluation.blimp."""
+                tokenizer: str | os.PathLike | None = None, log=print) -> dict:
+    """Run the blimp stage: <out>/<UID>.jsonl for every paradigm of evaluation.blimp.
+
+    With a `tokenizer`, the training tokens of the data folder (out's parent: train.npy, or the
+    stream the tokenize stage recorded) give a unigram frequency scorer: generated paradigms are
+    balanced against it, and its accuracy on every paradigm of any source is written to
+    <data>/blimp_unigram.parquet (recorded in the stage record and the manifest)."""
     spec = study["evaluation"]["blimp"]
     source, n, seed = spec["source"], spec["pairs_per_paradigm"], spec["seed"]
     out = Path(out)
     info: dict = {"source": source, "seed": seed, "pairs_per_paradigm": n}
+    scorer = None
+    if tokenizer is not None:
+        scorer, info["unigram"] = _unigram_scorer(spec, out.parent, tokenizer, log)
     if source == "generated":
         from .generate_blimp import generate, word_counts
 
@@ -148,9 +167,11 @@ def build_blimp(study: dict, out: str | os.PathLike, corpus_dir: str | os.PathLi
             domains = corpus_domains(corpus_dir)
             counts = word_counts(doc["text"] for d, meta in domains.items() if not meta.get("streamed")
                                  for doc in read_docs(corpus_dir, "train", d) if "text" in doc)
-        paradigms, gen_info = generate(n or 200, seed, counts, spec["min_word_count"], spec["paradigms"])
+        paradigms, gen_info = generate(n or 200, seed, counts, spec["min_word_count"], spec["paradigms"],
+                                       balance=scorer.correct if scorer is not None else None)
         info.update(gen_info, min_word_count=spec["min_word_count"],
-                    filtered_on="corpus/train" if counts is not None else None)
+                    filtered_on="corpus/train" if counts is not None else None,
+                    balanced_on="unigram" if scorer is not None else None)
         label = "generated"
     elif Path(os.path.expanduser(source)).is_dir() or not (source == HF_DATASET or source.startswith("hf:")):
         folder = Path(os.path.expanduser(source))
@@ -169,6 +190,16 @@ def build_blimp(study: dict, out: str | os.PathLike, corpus_dir: str | os.PathLi
             stale.unlink(missing_ok=True)
     for uid, pairs in paradigms.items():
         written.append(write_paradigm(out / f"{uid}.jsonl", pairs, label))
+    if scorer is not None:
+        from .unigram import BALANCED_RANGE, UNIGRAM_FILE, outside_range, unigram_accuracy, write_unigram_table
+
+        rows = unigram_accuracy(paradigms, scorer, label)
+        written.append(write_unigram_table(rows, out.parent / UNIGRAM_FILE))
+        info["unigram"]["file"] = UNIGRAM_FILE
+        low, high = spec.get("balanced_range", BALANCED_RANGE)
+        outside = outside_range(rows, low, high)
+        log(f"blimp: the unigram scorer is outside [{low}, {high}] on {len(outside)} of {len(rows)} "
+            f"paradigms{': ' + ', '.join(outside) if outside else ''} ({UNIGRAM_FILE})")
     info.update(source_label=label, paradigms={uid: len(p) for uid, p in paradigms.items()},
                 phenomena=sorted({p[0]["linguistics_term"] for p in paradigms.values()}))
     write_stage(out.parent, "blimp", written, info)

