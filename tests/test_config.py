@@ -37,7 +37,8 @@ def test_defaults_are_filled_from_the_schema():
     assert s["training"]["betas"] == [0.9, 0.999] and s["training"]["weight_decay"] == 0.01
     assert s["training"]["schedule"]["name"] == "linear"
     assert s["conditions"]["relora"]["dropout_mask"] == "per_adapter"
-    assert s["conditions"]["relora"]["optimizer_reset"] == {"mode": "random", "ratio": 0.999}
+    assert s["conditions"]["relora"]["optimizer_reset"] == {"mode": "random", "ratio": 0.999,
+                                                            "masks": "independent"}
     assert s["sizes"]["tiny"]["ffn_hidden"] is None
     assert s["analysis"]["reference_condition"] == "full"
 

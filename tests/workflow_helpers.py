@@ -100,7 +100,8 @@ def tiny_study(root: Path, name: str = "e2e", seeds=(0, 1),
     all_conditions = {
         "full": {"method": "full"},
         "relora-paper": {**copy.deepcopy(relora), "lora_init": "paper", "merge_scale": "paper"},
-        "relora": {**copy.deepcopy(relora), "lora_init": "standard", "merge_scale": "correct"},
+        "relora": {**copy.deepcopy(relora), "lora_init": "standard", "merge_scale": "correct",
+                   "optimizer_reset": {"mode": "random", "ratio": 0.999, "masks": "shared"}},
     }
     return {
         "study": name,
