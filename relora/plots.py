@@ -460,12 +460,12 @@ def rank_around_merges(ctx: Context):
         tooltip=["condition:N", "seed:N", "target:N", "step:Q", alt.Tooltip("value:Q", format=".4f")])
     rules = alt.Chart().transform_filter(alt.datum.kind == "merge").mark_rule(
         strokeDash=[4, 3], strokeWidth=0.8, opacity=0.6).encode(
-        x=x, color=ctx.color(legend=False), tooltip=["condition:N", alt.Tooltip("step:Q", title="merge after update")])
-    chart = alt.layer(rules, base.mark_line(strokeWidth=1.2), base.mark_point(size=16, filled=True, opacity=1),
+        x=x, color=ctx.color(), tooltip=["condition:N", alt.Tooltip("step:Q", title="merge after update")])
+    chart = alt.layer(base.mark_line(strokeWidth=1.2), base.mark_point(size=16, filled=True, opacity=1), rules,
                       data=ctx.data(data)).properties(width=300, height=170)
     return chart.facet(column=alt.Column("panel:N", title=None, sort=list(panels.values())),
-                       row=alt.Row("size:N", title=None, sort=ctx.size_labels())).resolve_scale(
-        y="independent").properties(title=alt.Title(title, subtitle=(
+                       row=alt.Row("size:N", title=None, sort=ctx.size_labels())).properties(
+        title=alt.Title(title, subtitle=(
             "mean over layers at the analysed steps (analysis.around_merges adds steps around each merge; "
             "full-rank is analysed at the same steps, its base is its weight); dashed rules: merges")))
 
@@ -489,11 +489,10 @@ def adapter_a_outliers(ctx: Context):
         return _note(title, "no adapter factors A in this study (no ReLoRA run, or analysis.targets lacks adapter_A)")
     shown = {(r["size"], r["condition"]) for r in data}
     data += [m for m in _merges(ctx) if (m["size"], m["condition"]) in shown]
-    data += [{"kind": "bound", "value": v, "label": label}
+    data += [{"kind": "bound", "size": size, "value": v, "label": label} for size in sorted({r["size"] for r in data})
              for v, label in ((1.0, "the bound (Kaiming-uniform init)"), (3.0, "3x the bound"))]
     for r in data:
-        if "size" in r:
-            r["size"] = ctx.size_label(r["size"])
+        r["size"] = ctx.size_label(r["size"])
     x = alt.X("step:Q", title=STEP_TITLE, scale=alt.Scale(domainMin=0), axis=alt.Axis(format="~s"))
     y = alt.Y("value:Q", title="max |A| · √in_features (log)", scale=alt.Scale(type="log"))
     base = alt.Chart().transform_filter(alt.datum.kind == "run").encode(
@@ -502,10 +501,10 @@ def adapter_a_outliers(ctx: Context):
                  alt.Tooltip("entries_over_3x:Q", title="entries > 3x bound"),
                  alt.Tooltip("adapters_over_3x:Q", title="adapters with one"), "adapters:Q"])
     merges = alt.Chart().transform_filter(alt.datum.kind == "merge").mark_rule(
-        strokeDash=[4, 3], strokeWidth=0.8, opacity=0.6).encode(x=x, color=ctx.color(legend=False))
+        strokeDash=[4, 3], strokeWidth=0.8, opacity=0.6).encode(x=x, color=ctx.color())
     bounds = alt.Chart().transform_filter(alt.datum.kind == "bound").mark_rule(
         color="#888888", strokeDash=[2, 2]).encode(y="value:Q", tooltip=["label:N"])
-    chart = alt.layer(merges, bounds, base.mark_line(strokeWidth=1.2), base.mark_point(size=16, filled=True, opacity=1),
+    chart = alt.layer(base.mark_line(strokeWidth=1.2), base.mark_point(size=16, filled=True, opacity=1), merges, bounds,
                       data=ctx.data(data)).properties(width=300, height=200)
     return chart.facet(column=alt.Column("size:N", title=None, sort=ctx.size_labels())).properties(
         title=alt.Title(title, subtitle=(
