@@ -275,16 +275,39 @@ def merge_steps(training: dict, method: dict) -> list[int]:
     return [k for k in range(1, training["steps"] + 1) if k > first and k % period == 1]
 
 
-def resolve_run(study: dict, size: str, condition: str, seed: int) -> dict:
-    """Everything one run needs, JSON-serialisable: model, training (condition overrides
-    applied), method, and the checkpoint / evaluation / analysis / merge steps."""
-    if size not in study["sizes"]:
-        raise ConfigError(f"size '{size}' is not in the study (sizes: {', '.join(study['sizes'])})")
-    if condition not in study["conditions"]:
-        raise ConfigError(f"condition '{condition}' is not in the study "
-                          f"(conditions: {', '.join(study['conditions'])})")
-    if seed not in study["seeds"]:
-        raise ConfigError(f"seed {seed} is not in the study (seeds: {study['seeds']})")
+def steps_around_merges(offsets: list, merges: list[int], restart_warmup: int, last: int) -> set[int]:
+    """Steps m + o for every merge step m and offset o (an integer, or `restart_warmup` for
+    + w), kept within [0, last]."""
+    steps = set()
+    for offset in offsets:
+        delta = restart_warmup if offset == "restart_warmup" else offset
+        steps.update(m + delta for m in merges if 0 <= m + delta <= last)
+    return steps
+
+
+def _analysis_around_merges(study: dict, training: dict, method: dict) -> set[int]:
+    """`analysis.around_merges` for one run: a merging run is analysed around its own merges;
+    a run that never merges (full-rank, plain LoRA) is its paired control, analysed at the
+    union of those steps over the study's merging conditions (every size trains the same
+    steps, so the union is the same at every size)."""
+    offsets = (study.get("analysis") or {}).get("around_merges") or []
+    if not offsets:
+        return set()
+    last = training["steps"]
+    merges = merge_steps(training, method)
+    if merges:
+        return steps_around_merges(offsets, merges, method["restart_warmup"], last)
+    steps = set()
+    for name in study["conditions"]:
+        other_training, other_method = _training_and_method(study, name)
+        other_merges = merge_steps(other_training, other_method)
+        if other_merges:
+            steps |= steps_around_merges(offsets, other_merges, other_method["restart_warmup"], last)
+    return steps
+
+
+def _training_and_method(study: dict, condition: str) -> tuple[dict, dict]:
+    """A condition's training section (its overrides applied) and method."""
     spec = copy.deepcopy(study["conditions"][condition])
     training = deep_merge(study["training"], spec.pop("training", {}))
     training["schedule"] = fill_defaults(training.get("schedule", {}), load_schema()["$defs"]["schedule"])
@@ -298,9 +321,24 @@ def resolve_run(study: dict, size: str, condition: str, seed: int) -> dict:
         if training["schedule"]["name"] == "jagged_cosine":
             training["schedule"]["reset_every"] = method["reset_every"]
             training["schedule"]["restart_warmup"] = method["restart_warmup"]
+    return training, method
+
+
+def resolve_run(study: dict, size: str, condition: str, seed: int) -> dict:
+    """Everything one run needs, JSON-serialisable: model, training (condition overrides
+    applied), method, and the checkpoint / evaluation / analysis / merge steps."""
+    if size not in study["sizes"]:
+        raise ConfigError(f"size '{size}' is not in the study (sizes: {', '.join(study['sizes'])})")
+    if condition not in study["conditions"]:
+        raise ConfigError(f"condition '{condition}' is not in the study "
+                          f"(conditions: {', '.join(study['conditions'])})")
+    if seed not in study["seeds"]:
+        raise ConfigError(f"seed {seed} is not in the study (seeds: {study['seeds']})")
+    training, method = _training_and_method(study, condition)
     last = training["steps"]
     evaluation = _steps_every(study.get("evaluation", {}).get("every"), last)
     analysis = _steps_every(study.get("analysis", {}).get("every"), last)
+    analysis |= _analysis_around_merges(study, training, method)
     checkpoint = _steps_every(training["checkpoint_every"], last) | evaluation | analysis
     return {
         "study": study["study"],

@@ -1,4 +1,5 @@
-"""What a study costs before it runs: parameters, FLOPs per token, optimizer state, tokens."""
+"""What a study costs before it runs: parameters, FLOPs per token, optimizer state, tokens, and
+the learning rate of the first update after a ReLoRA merge beside the paper's."""
 
 from __future__ import annotations
 
@@ -8,6 +9,25 @@ from .checkpoint import build_model
 from .config import resolve_run
 from .lora import lora_modules
 from .model import count_parameters, model_flops_per_token
+from .optim import lr_factor
+
+# The paper's ReLoRA recipe (arXiv 2509.12960, as in workflow/studies/paper.yaml): peak LR 3e-4,
+# jagged cosine with first warmup W = 2000, reset period R = 2000, re-warmup w = 100, floor
+# m = 0.1 and horizon T = 200k; its first merge follows update 2001.
+PAPER_RELORA = {"lr": 3.0e-4, "first_merge": 2001,
+                "schedule": {"name": "jagged_cosine", "warmup": 2000, "horizon": 200_000, "min_ratio": 0.1,
+                             "reset_every": 2000, "restart_warmup": 100}}
+
+
+def lr_after_merge(lr: float, schedule: dict, merge_step: int) -> float:
+    """Learning rate of the first update after the merge that follows update k = merge_step:
+    update k + 1 runs with lr * f(k) (k mod R == 1, so f(k) = (1 / w) x the cosine's value)."""
+    return lr * lr_factor(merge_step, schedule)
+
+
+def paper_lr_after_merge() -> float:
+    """The same for the paper's recipe: 3e-4 * f(2001), from the paper's schedule formula."""
+    return lr_after_merge(PAPER_RELORA["lr"], PAPER_RELORA["schedule"], PAPER_RELORA["first_merge"])
 
 
 def relora_flops_per_token(model, seq_len: int) -> float:
@@ -29,6 +49,8 @@ def describe_run(run: dict) -> dict:
     training = run["training"]
     tokens = training["steps"] * training["batch_size"] * seq_len
     warm = run["method"].get("warm_start_steps", 0) * training["batch_size"] * seq_len
+    merges = run["steps"]["merge"]
+    after_merge = lr_after_merge(training["lr"], training["schedule"], merges[0]) if merges else None
     return {
         "size": run["size"], "condition": run["condition"], "method": run["method"]["name"],
         "params_total": total, "params_trainable": trainable,
@@ -36,6 +58,12 @@ def describe_run(run: dict) -> dict:
         # AdamW keeps two fp32 moments per trainable parameter
         "optimizer_state_bytes": 2 * 4 * trainable,
         "tokens": tokens, "total_flops": full_flops * warm + flops * (tokens - warm),
+        # the step size right after a reset, the run's (first merge) and the paper's: with a short
+        # reset period the re-warmup 1 / w cannot be the paper's 1 / 100, and this shows how far off
+        "n_merges": len(merges),
+        "lr_after_merge": after_merge,
+        "paper_lr_after_merge": paper_lr_after_merge() if merges else None,
+        "lr_after_merge_over_paper": after_merge / paper_lr_after_merge() if merges else None,
     }
 
 

@@ -13,10 +13,26 @@ stored rounding noise never reads as rank:
 
 An all-zero matrix (an update at step 0, an adapter right after a reset) has numerical_rank 0
 and NaN erank, per and condition_number. Targets per linear (q, k, v, o, w_0, w_1, w_2 of every
-layer): `weight` (effective: W + scale * B @ A for ReLoRA), `gradient` (of the effective weight,
-mean next-token loss on the fixed probe batch), `update` (W_t - W_0) and, for ReLoRA, `adapter`
-(scale * B @ A). Spectra come from one batched `torch.linalg.svdvals` call per matrix shape,
-never from a Python loop over matrices.
+layer): `weight` (effective: W + scale * B @ A for ReLoRA), `base` (the stored weight W alone:
+for ReLoRA the frozen weight the merges accumulate, what the paper plotted after each merge; for
+a plain linear it is the weight, and its rows are copies of the weight's), `gradient` (of the
+effective weight, mean next-token loss on the fixed probe batch), `update` (W_t - W_0) and, for
+ReLoRA, `adapter` (scale * B @ A). Spectra come from one batched `torch.linalg.svdvals` call per
+matrix shape, never from a Python loop over matrices.
+
+An adapter has rank at most r < k, so its condition_number is inf by construction; its rows add
+
+    condition_number_top_r  sigma_1 / sigma_r over its r largest singular values (r the adapter
+                            rank): how unevenly the update spreads over the directions it can
+                            span; NaN when its numerical_rank is below r
+
+and target `adapter_A` (no spectrum) watches the factor A for entries that an inconsistent
+optimizer reset blows up (quirk 4: a first moment kept while the second was zeroed moves an
+entry by about lr * m_hat / eps right after a merge), against the Kaiming-uniform bound
+1 / sqrt(in_features) of its initialisation (used whatever the init):
+
+    max_abs_over_init_bound  max |A| * sqrt(in_features)   (at most 1 right after initialisation)
+    entries_over_3x_bound    number of entries with |A| > 3 / sqrt(in_features)
 
 Linear CKA (Kornblith et al. 2019, biased estimator, column-centred features) compares the
 residual stream after each block on the probe tokens at step t with the final step's.
@@ -36,7 +52,8 @@ from .evaluate import LINEAR_PARENTS, Snapshot, linear_key
 from .model import PicoDecoder
 
 METRICS = ("erank", "per", "condition_number", "numerical_rank", "frobenius_norm", "spectral_norm")
-TARGETS = ("weight", "gradient", "update", "adapter")
+TARGETS = ("weight", "base", "gradient", "update", "adapter", "adapter_A")
+ADAPTER_A_METRICS = ("max_abs_over_init_bound", "entries_over_3x_bound")
 LINEAR_MODULES = tuple(LINEAR_PARENTS)
 
 
@@ -131,6 +148,7 @@ class Target:
     stored_dtype: torch.dtype
     scale_from: tuple | None = None  # key of the matrix whose sigma_max is s; None: itself
     scale_extra: tuple = ()  # further keys whose sigma_max enter s as a maximum
+    rank: int | None = None  # an adapter's rank r: adds condition_number_top_r
 
 
 def spectra_rows(targets: list[Target], extra: dict | None = None, device=None) -> list[dict]:
@@ -159,7 +177,43 @@ def spectra_rows(targets: list[Target], extra: dict | None = None, device=None) 
             for name in METRICS:
                 rows.append({"layer": t.layer, "module": t.module, "target": t.target,
                              "metric": name, "value": float(metrics[name][j])})
+            if t.rank is not None:
+                rows.append({"layer": t.layer, "module": t.module, "target": t.target,
+                             "metric": "condition_number_top_r",
+                             "value": top_r_condition_number(sigmas[i], int(metrics["numerical_rank"][j]), t.rank)})
     return rows
+
+
+def top_r_condition_number(sigma: torch.Tensor, numerical_rank: int, r: int) -> float:
+    """sigma_1 / sigma_r of descending singular values; NaN when fewer than r are nonzero."""
+    if numerical_rank < r or r < 1:
+        return math.nan
+    return float(sigma[0] / sigma[r - 1])
+
+
+def adapter_a_rows(snapshot: Snapshot) -> list[dict]:
+    """Rows (layer, module, `adapter_A`, metric, value) of every adapter's factor A (r x in):
+    the largest |A| over the Kaiming-uniform bound 1 / sqrt(in_features), and the number of
+    entries above 3x that bound."""
+    rows = []
+    for layer in range(snapshot.config.n_layers):
+        for module in LINEAR_MODULES:
+            if not snapshot.has_adapter(layer, module):
+                continue
+            A = snapshot.tensors[f"{linear_key(layer, module)}.A_lora"].double().abs()
+            bound = 1.0 / math.sqrt(A.shape[1])
+            values = {"max_abs_over_init_bound": float(A.max()) / bound if A.numel() else math.nan,
+                      "entries_over_3x_bound": float((A > 3.0 * bound).sum())}
+            rows += [{"layer": layer, "module": module, "target": "adapter_A", "metric": name,
+                      "value": values[name]} for name in ADAPTER_A_METRICS]
+    return rows
+
+
+def base_rows_of_plain_linears(rows: list[dict], snapshot: Snapshot) -> list[dict]:
+    """`base` rows of the linears without an adapter: their stored weight is the weight, so the
+    rows are the weight's (same matrix, same tolerance), copied rather than recomputed."""
+    return [{**r, "target": "base"} for r in rows
+            if r["target"] == "weight" and not snapshot.has_adapter(r["layer"], r["module"])]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,13 +308,19 @@ def snapshot_targets(snapshot: Snapshot, initial: Snapshot | None, gradients: di
             # s of the effective weight: the largest of its stored summands, W and scale * B @ A
             summands = ()
             if adapter is not None:
-                extra[(layer, module, "stored")] = W.double()
-                summands = ((layer, module, "stored"), adapter_key)
+                if "base" in targets:  # the frozen W: its own spectrum, and its s for the weight
+                    items.append(Target(layer, module, "base", W.double(), W.dtype))
+                    summands = ((layer, module, "base"), adapter_key)
+                else:
+                    extra[(layer, module, "stored")] = W.double()
+                    summands = ((layer, module, "stored"), adapter_key)
                 if "adapter" in targets:
-                    a_dtype = snapshot.tensors[f"{linear_key(layer, module)}.A_lora"].dtype
-                    items.append(Target(layer, module, "adapter", adapter, a_dtype))
+                    A = snapshot.tensors[f"{linear_key(layer, module)}.A_lora"]
+                    items.append(Target(layer, module, "adapter", adapter, A.dtype, rank=A.shape[0]))
                 else:
                     extra[adapter_key] = adapter
+            elif "base" in targets and "weight" not in targets:  # else copied from the weight's rows
+                items.append(Target(layer, module, "base", W.double(), W.dtype))
             if "weight" in targets:
                 items.append(Target(layer, module, "weight", effective, W.dtype, None, summands))
             elif "update" in targets:
@@ -302,7 +362,12 @@ def analyse_checkpoints(snapshots: dict, probe: torch.Tensor | None, targets=TAR
             gradients, activations = probe_gradients_and_activations(
                 snapshot.model(device), probe, micro_batch, want_activations=cka)
         items, extra = snapshot_targets(snapshot, initial, gradients, targets)
-        for row in spectra_rows(items, extra, device):
+        spectra = spectra_rows(items, extra, device)
+        if "base" in targets and "weight" in targets:
+            spectra += base_rows_of_plain_linears(spectra, snapshot)
+        if "adapter_A" in targets:
+            spectra += adapter_a_rows(snapshot)
+        for row in spectra:
             rows.append({"step": step, **row})
         if cka:
             for layer, (X, Y) in enumerate(zip(activations, final_activations)):

@@ -74,34 +74,57 @@ def build_optimizer(model: torch.nn.Module, training: dict) -> torch.optim.AdamW
 
 @torch.no_grad()
 def reset_optimizer_state(optimizer: torch.optim.Optimizer, params, mode: str, ratio: float,
-                          generator: torch.Generator | None = None) -> None:
+                          generator: torch.Generator | None = None, masks: str = "independent") -> None:
     """Reset the Adam moments of `params` (the adapters, at a merge). The step counter is kept.
 
-    random     zero a random `ratio` of the entries of each moment (the reference: 0.999)
+    random     zero a random `ratio` of the entries (the reference: 0.999)
     magnitude  zero the `ratio` of entries of smallest magnitude, keep the largest
     zero       zero every entry
     none       keep the state
+
+    masks      independent: exp_avg and exp_avg_sq each get their own mask (random: two draws;
+               magnitude: each ranked by its own magnitude), as the reference and the original
+               ReLoRA code do. About ratio * (1 - ratio) of the entries then keep a first moment
+               m whose second moment v was zeroed; right after a merge B = 0, so A's gradient is
+               zero and such an entry moves by lr * m_hat / (sqrt(v_hat) + eps) ~ lr * m_hat / eps
+               on the next update (quirk 4).
+               shared: one mask per parameter applied to both moments (random: one draw;
+               magnitude: one ranking by exp_avg_sq), so no entry keeps m without v.
 
     Random masks come from `generator`, seeded identically on every rank, so replicas agree.
     """
     if mode == "none":
         return
+    if mode not in ("random", "magnitude", "zero"):
+        raise ValueError(f"unknown optimizer reset mode '{mode}'")
+    if masks not in ("independent", "shared"):
+        raise ValueError(f"unknown optimizer reset masks '{masks}' (use independent or shared)")
     for param in params:
         state = optimizer.state.get(param)
         if not state:
             continue
-        for key in ("exp_avg", "exp_avg_sq"):
-            moment = state[key]
-            if mode == "zero" or ratio >= 1.0:
+        moments = (state["exp_avg"], state["exp_avg_sq"])
+        if mode == "zero" or ratio >= 1.0:
+            for moment in moments:
                 moment.zero_()
-            elif mode == "random":
-                keep = torch.rand(moment.shape, generator=generator, device="cpu") >= ratio
-                moment.mul_(keep.to(moment.device))
-            elif mode == "magnitude":
-                n_zero = int(round(ratio * moment.numel()))
-                if n_zero > 0:
-                    magnitude = moment.abs().flatten()
-                    smallest = torch.topk(magnitude, n_zero, largest=False).indices
-                    moment.view(-1)[smallest] = 0
-            else:
-                raise ValueError(f"unknown optimizer reset mode '{mode}'")
+            continue
+        if masks == "shared":
+            keep = _keep_mask(moments[1], mode, ratio, generator)
+            for moment in moments:
+                moment.mul_(keep)
+        else:
+            for moment in moments:
+                moment.mul_(_keep_mask(moment, mode, ratio, generator))
+
+
+def _keep_mask(moment: torch.Tensor, mode: str, ratio: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Bool mask of the entries of `moment` a reset keeps (random: drawn on the CPU from
+    `generator`, so every device draws the same; magnitude: all but the `ratio` smallest)."""
+    if mode == "random":
+        keep = torch.rand(moment.shape, generator=generator, device="cpu") >= ratio
+        return keep.to(moment.device)
+    keep = torch.ones(moment.numel(), dtype=torch.bool, device=moment.device)
+    n_zero = int(round(ratio * moment.numel()))
+    if n_zero > 0:
+        keep[torch.topk(moment.abs().flatten(), n_zero, largest=False).indices] = False
+    return keep.view(moment.shape)

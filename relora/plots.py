@@ -550,6 +550,90 @@ def per_gradient(ctx):
                      "PER (erank / min dim)", note="; gradient of the effective weight")
 
 
+def _merges(ctx: Context) -> list[dict]:
+    """The merge steps of every ReLoRA run (one row per size, condition and step)."""
+    return ctx.rows("""SELECT DISTINCT 'merge' AS kind, size, condition, step FROM train_metrics
+                       WHERE merged ORDER BY size, condition, step""")
+
+
+def rank_around_merges(ctx: Context):
+    """PER of the w_2 matrices, the frozen base W and the effective weight, at the steps
+    analysed around each merge (analysis.around_merges), with the merges marked."""
+    import altair as alt
+
+    title = "PER of w_2 around ReLoRA merges: frozen base W and effective weight"
+    data = ctx.rows("""
+        SELECT 'run' AS kind, size, condition, seed, step, target, avg(value) AS value
+        FROM dynamics WHERE metric = 'per' AND module = 'w_2' AND target IN ('base', 'weight')
+              AND NOT isnan(value)
+        GROUP BY size, condition, seed, step, target ORDER BY size, condition, seed, target, step""")
+    if not any(r["target"] == "base" for r in data):
+        return _note(title, "no PER of the base weight in this study (analysis.targets lacks `base`)")
+    panels = {"base": "base: stored W (frozen for ReLoRA)", "weight": "weight: W + scale·BA"}
+    merges = _merges(ctx)
+    data += [{**m, "target": t} for m in merges for t in panels]  # the rules in both panels
+    for r in data:
+        r["size"] = ctx.size_label(r["size"])
+        r["panel"] = panels[r["target"]]
+    x = alt.X("step:Q", title=STEP_TITLE, scale=alt.Scale(domainMin=0), axis=alt.Axis(format="~s"))
+    base = alt.Chart().transform_filter(alt.datum.kind == "run").encode(
+        x=x, y=alt.Y("value:Q", title="PER of w_2 (mean over layers)", scale=alt.Scale(zero=False, padding=6)),
+        color=ctx.color(), detail=_seed_detail(),
+        tooltip=["condition:N", "seed:N", "target:N", "step:Q", alt.Tooltip("value:Q", format=".4f")])
+    rules = alt.Chart().transform_filter(alt.datum.kind == "merge").mark_rule(
+        strokeDash=[4, 3], strokeWidth=0.8, opacity=0.6).encode(
+        x=x, color=ctx.color(), tooltip=["condition:N", alt.Tooltip("step:Q", title="merge after update")])
+    chart = alt.layer(base.mark_line(strokeWidth=1.2), base.mark_point(size=16, filled=True, opacity=1), rules,
+                      data=ctx.data(data)).properties(width=300, height=170)
+    return chart.facet(column=alt.Column("panel:N", title=None, sort=list(panels.values())),
+                       row=alt.Row("size:N", title=None, sort=ctx.size_labels())).properties(
+        title=alt.Title(title, subtitle=(
+            "mean over layers at the analysed steps (analysis.around_merges adds steps around each merge; "
+            "full-rank is analysed at the same steps, its base is its weight); dashed rules: merges")))
+
+
+def adapter_a_outliers(ctx: Context):
+    """The largest |A| of each run over its Kaiming-uniform bound 1/sqrt(in_features), per step:
+    an inconsistent optimizer reset (quirk 4) shows as A entries hundreds of times the bound."""
+    import altair as alt
+
+    title = "Largest adapter entry |A| over its initialisation bound 1/√in_features"
+    data = ctx.rows("""
+        SELECT 'run' AS kind, size, condition, seed, step,
+               max(value) FILTER (WHERE metric = 'max_abs_over_init_bound') AS value,
+               sum(value) FILTER (WHERE metric = 'entries_over_3x_bound') AS entries_over_3x,
+               count(*) FILTER (WHERE metric = 'entries_over_3x_bound' AND value > 0) AS adapters_over_3x,
+               count(*) FILTER (WHERE metric = 'entries_over_3x_bound') AS adapters
+        FROM dynamics WHERE target = 'adapter_A'
+        GROUP BY size, condition, seed, step ORDER BY size, condition, seed, step""")
+    data = [r for r in data if r["value"] is not None and r["value"] > 0]  # all-zero A (quirk 1): no point
+    if not data:
+        return _note(title, "no adapter factors A in this study (no ReLoRA run, or analysis.targets lacks adapter_A)")
+    shown = {(r["size"], r["condition"]) for r in data}
+    data += [m for m in _merges(ctx) if (m["size"], m["condition"]) in shown]
+    data += [{"kind": "bound", "size": size, "value": v, "label": label} for size in sorted({r["size"] for r in data})
+             for v, label in ((1.0, "the bound (Kaiming-uniform init)"), (3.0, "3x the bound"))]
+    for r in data:
+        r["size"] = ctx.size_label(r["size"])
+    x = alt.X("step:Q", title=STEP_TITLE, scale=alt.Scale(domainMin=0), axis=alt.Axis(format="~s"))
+    y = alt.Y("value:Q", title="max |A| · √in_features (log)", scale=alt.Scale(type="log"))
+    base = alt.Chart().transform_filter(alt.datum.kind == "run").encode(
+        x=x, y=y, color=ctx.color(), detail=_seed_detail(),
+        tooltip=["condition:N", "seed:N", "step:Q", alt.Tooltip("value:Q", title="max |A| / bound", format=".3g"),
+                 alt.Tooltip("entries_over_3x:Q", title="entries > 3x bound"),
+                 alt.Tooltip("adapters_over_3x:Q", title="adapters with one"), "adapters:Q"])
+    merges = alt.Chart().transform_filter(alt.datum.kind == "merge").mark_rule(
+        strokeDash=[4, 3], strokeWidth=0.8, opacity=0.6).encode(x=x, color=ctx.color())
+    bounds = alt.Chart().transform_filter(alt.datum.kind == "bound").mark_rule(
+        color="#888888", strokeDash=[2, 2]).encode(y="value:Q", tooltip=["label:N"])
+    chart = alt.layer(base.mark_line(strokeWidth=1.2), base.mark_point(size=16, filled=True, opacity=1), merges, bounds,
+                      data=ctx.data(data)).properties(width=300, height=200)
+    return chart.facet(column=alt.Column("size:N", title=None, sort=ctx.size_labels())).properties(
+        title=alt.Title(title, subtitle=(
+            "largest over every adapter at each analysed step; grey rules: the bound and 3x; dashed: merges. "
+            "Independent reset masks (quirk 4) let entries with a first moment but no second move by ~lr·m/eps")))
+
+
 def cka_to_final(ctx: Context):
     import altair as alt
 
@@ -639,6 +723,8 @@ FIGURES = {
     "per_update": (per_update, "PER of the cumulative update W_t − W_0 per module type."),
     "per_adapter": (per_adapter, "PER of the ReLoRA adapter update per module type."),
     "per_gradient": (per_gradient, "PER of the probe-batch gradient per module type."),
+    "rank_around_merges": (rank_around_merges, "PER of w_2, frozen base W and effective weight, around each merge."),
+    "adapter_a_outliers": (adapter_a_outliers, "Largest adapter entry |A| over its initialisation bound per step."),
     "cka_to_final": (cka_to_final, "Linear CKA of each block's output to the final step."),
     "gap_vs_size": (gap_vs_size, "Final gap of each condition to the reference vs model size."),
 }

@@ -197,6 +197,42 @@ def _blimp_baselines_section(con) -> str:
             + (_table(["paradigm", "phenomenon", "unigram accuracy", "pairs"], rows, 2) if rows else ""))
 
 
+def _adapter_a_section(con) -> str:
+    """Per ReLoRA run: the largest |A| over its initialisation bound at any analysed step, and how
+    many entries exceed 3x the bound there (an inconsistent optimizer reset, quirk 4)."""
+    rows = _rows(con, """
+        WITH per_step AS (
+          SELECT size, condition, seed, step,
+                 max(value) FILTER (WHERE metric = 'max_abs_over_init_bound') AS max_ratio,
+                 sum(value) FILTER (WHERE metric = 'entries_over_3x_bound') AS over_3x,
+                 count(*) FILTER (WHERE metric = 'entries_over_3x_bound' AND value > 0) AS adapters_over_3x,
+                 count(*) FILTER (WHERE metric = 'entries_over_3x_bound') AS adapters
+          FROM dynamics WHERE target = 'adapter_A' GROUP BY ALL)
+        SELECT size, condition, seed, arg_max(step, max_ratio) AS step, max(max_ratio) AS max_ratio,
+               arg_max(over_3x, max_ratio) AS over_3x, arg_max(adapters_over_3x, max_ratio) AS adapters_over_3x,
+               max(adapters) AS adapters, max(over_3x) AS most_over_3x
+        FROM per_step GROUP BY ALL ORDER BY size, condition, seed""")
+    if not rows:
+        return ""
+    columns = {r["column_name"] for r in _rows(con, "SELECT column_name FROM (DESCRIBE runs)")}
+    masks = {}
+    if "method_optimizer_reset_masks" in columns:
+        masks = {(r["size"], r["condition"], r["seed"]): r["m"] for r in _rows(
+            con, "SELECT size, condition, seed, method_optimizer_reset_masks AS m FROM runs")}
+    table = [[_esc(r["size"]), _esc(r["condition"]), _esc(r["seed"]),
+              _esc(masks.get((r["size"], r["condition"], r["seed"])) or "–"), _fmt(r["max_ratio"]),
+              _esc(r["step"]), _esc(_fmt(r["over_3x"])), f"{_fmt(r['adapters_over_3x'])} of {_fmt(r['adapters'])}",
+              _esc(_fmt(r["most_over_3x"]))] for r in rows]
+    header = ["size", "condition", "seed", "reset masks", "largest |A| / bound", "at step",
+              "entries &gt; 3x bound there", "adapters with one", "most entries &gt; 3x at a step"]
+    note = ("The adapters' factor A starts inside the Kaiming-uniform bound 1/&radic;in_features. "
+            "An optimizer reset with independent masks for Adam's two moments (the reference's, quirk 4) "
+            "leaves entries with a first moment but no second; right after a merge they move by about "
+            "lr&middot;m&#770;/eps, far outside the bound. Query: <code>SELECT * FROM dynamics WHERE "
+            "target = 'adapter_A'</code>.")
+    return f'<p class="note">{note}</p>' + _table(header, table, 4)
+
+
 def _runs_section(con) -> str:
     runs = _rows(con, "SELECT * FROM runs")
     if not runs:
@@ -295,6 +331,8 @@ def build_report(db, figures_dir=None, config=None, manifest=None, out=Path("rep
             ("gap", f"Gap to '{_esc(ctx['reference'])}'", _gap_section(con, ctx) + _all_gaps(con)),
             ("blimp-baselines", "BLiMP and word frequency", _blimp_baselines_section(con)
              or "<p>No unigram baseline in this study's database.</p>"),
+            ("adapter_a", "Adapter entries against their initialisation bound", _adapter_a_section(con)
+             or "<p>No adapter factors analysed (no ReLoRA run, or analysis.targets lacks adapter_A).</p>"),
             ("figures", "Figures", figures),
             ("runs", "Runs", _runs_section(con)),
             ("config", "Study config", _config_section(con, config)),

@@ -16,7 +16,13 @@ Tables (materialised, so the file is portable) and views, DESIGN 3.2 plus the st
 - `train_metrics`, `dynamics`, `perplexity`, `blimp`: the run files' rows with size, condition
                   and seed taken from the run directory's hive path (it wins over any such
                   column inside a file); the contract's columns are cast to fixed types, extra
-                  columns are kept.
+                  columns are kept. `dynamics` targets (relora.dynamics): `weight` (effective),
+                  `base` (the stored W alone; a copy of `weight` for plain linears),
+                  `gradient`, `update`, `adapter` (scale * B A, with `condition_number_top_r` =
+                  sigma_1 / sigma_r over its top r singular values, NaN below rank r),
+                  `adapter_A` (metrics `max_abs_over_init_bound` = max |A| * sqrt(in_features)
+                  and `entries_over_3x_bound` = entries with |A| > 3 / sqrt(in_features), per
+                  adapter) and `activation` (`cka_to_final`, module `block`).
 - `blimp_reference(uid, phenomenon, model, model_label, accuracy)`: published per-paradigm
                   accuracies (5-gram, LSTM, Transformer-XL, GPT-2, human agreement) read from
                   `evaluation.blimp.reference` when it names a folder; empty otherwise. Join it

@@ -467,7 +467,7 @@ class Trainer:
             adapters = merge_and_reinit(self.model, self.method["merge_scale"], event_generator(self.seed, k, 2))
             reset = self.method["optimizer_reset"]
             reset_optimizer_state(self.optimizer, adapters, reset["mode"], reset["ratio"],
-                                  event_generator(self.seed, k, 3))
+                                  event_generator(self.seed, k, 3), reset["masks"])
         if self.is_relora and k == self.attach_step:  # full-rank warm start ends here
             self._attach_adapters()
             self._build_optimizer()

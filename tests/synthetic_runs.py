@@ -200,14 +200,16 @@ def write_run(run_dir: Path, run: dict, files=("run.json", "train_metrics", "dyn
             for c, v in zip(rows, (step, layer, module, target, metric, value)):
                 rows[c].append(v)
 
-        targets = ["weight", "gradient", "update"] + (["adapter"] if run["method"]["name"] == "relora" else [])
+        relora = run["method"]["name"] == "relora"
+        targets = ["weight", "base", "gradient", "update"] + (["adapter"] if relora else [])
         for step in run["steps"]["analysis"]:
             for layer in range(N_LAYERS):
                 for module in MODULES:
                     k = SIZES[size]
                     for target in targets:
-                        if target == "weight":
-                            per = weight_per(size, condition, seed, step, module, layer)
+                        if target in ("weight", "base"):  # the frozen base lags the effective weight
+                            lag = 0.01 if target == "base" and relora else 0.0
+                            per = weight_per(size, condition, seed, step, module, layer) - lag
                             cond = weight_condition_number(size, condition, seed, step, module, layer)
                         elif target in ("update", "adapter") and step == 0:
                             per, cond = math.nan, math.nan        # an all-zero matrix
@@ -221,6 +223,10 @@ def write_run(run_dir: Path, run: dict, files=("run.json", "train_metrics", "dyn
                                               ("frobenius_norm", 1.0 + step / STEPS),
                                               ("spectral_norm", 0.5 + step / STEPS)):
                             add(step, layer, module, target, metric, value)
+                    if relora:  # quirk 4 in relora-paper: A entries far outside their init bound
+                        ratio = 0.9 if step <= WARMUP or condition == "relora" else 50.0 + step / 2
+                        add(step, layer, module, "adapter_A", "max_abs_over_init_bound", ratio)
+                        add(step, layer, module, "adapter_A", "entries_over_3x_bound", float(ratio > 3) * (1 + layer))
                 add(step, layer, "block", "activation", "cka_to_final",
                     1.0 if step == STEPS else 0.3 + 0.6 * step / STEPS + 0.05 * layer)
         _write(keyed(rows), run_dir / "dynamics.parquet")

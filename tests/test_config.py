@@ -37,7 +37,8 @@ def test_defaults_are_filled_from_the_schema():
     assert s["training"]["betas"] == [0.9, 0.999] and s["training"]["weight_decay"] == 0.01
     assert s["training"]["schedule"]["name"] == "linear"
     assert s["conditions"]["relora"]["dropout_mask"] == "per_adapter"
-    assert s["conditions"]["relora"]["optimizer_reset"] == {"mode": "random", "ratio": 0.999}
+    assert s["conditions"]["relora"]["optimizer_reset"] == {"mode": "random", "ratio": 0.999,
+                                                            "masks": "independent"}
     assert s["sizes"]["tiny"]["ffn_hidden"] is None
     assert s["analysis"]["reference_condition"] == "full"
 
@@ -55,6 +56,63 @@ def test_condition_overrides_and_steps():
     assert full["steps"]["checkpoint"] == [0, 10, 15, 20, 30]
     assert relora["steps"]["merge"] == [11, 21] and full["steps"]["merge"] == []
     assert full["run_seed"] == 1 and len(runs(s)) == 4
+
+
+def test_analysis_around_merges_derives_steps_from_each_runs_merges():
+    # relora merges after 11 and 21 (R = 10, w = 2); offsets -1, +1, +w and +10 give 10, 12, 13,
+    # 21 (dropped for 21: 31 > 30) and 20, 22, 23 (31 dropped)
+    s = load_study(study(analysis={"every": 20, "around_merges": [-1, 1, "restart_warmup", 10]}))
+    relora, full = resolve_run(s, "tiny", "relora", 0), resolve_run(s, "tiny", "full", 0)
+    assert relora["steps"]["merge"] == [11, 21]
+    around = [10, 12, 13, 20, 21, 22, 23]
+    assert relora["steps"]["analysis"] == sorted({0, 20, 30} | set(around))
+    # full never merges: the paired control, analysed at the same steps
+    assert full["steps"]["analysis"] == relora["steps"]["analysis"]
+    # every analysed step is checkpointed; evaluation does not change
+    assert set(relora["steps"]["analysis"]) <= set(relora["steps"]["checkpoint"])
+    assert relora["steps"]["evaluation"] == [0, 15, 30]
+    # no offsets: the cadence alone
+    assert resolve_run(load_study(study()), "tiny", "relora", 0)["steps"]["analysis"] == [0, 20, 30]
+
+
+def test_around_merges_control_is_the_union_over_merging_conditions():
+    conditions = copy.deepcopy(BASE["conditions"])
+    conditions["relora-7"] = {**copy.deepcopy(conditions["relora"]), "reset_every": 7, "restart_warmup": 3}
+    conditions["lora"] = {"method": "relora", "rank": 4, "alpha": 8, "reset_every": None}
+    s = load_study(study(conditions=conditions, analysis={"around_merges": [-2, "restart_warmup"]}))
+    # relora: merges 11, 21 (w 2) -> 9, 13, 19, 23; relora-7: merges 8, 15, 22, 29 (warmup 5,
+    # w 3) -> 6, 11, 13, 18, 20, 25, 27 (32 dropped)
+    assert resolve_run(s, "tiny", "relora-7", 0)["steps"]["merge"] == [8, 15, 22, 29]
+    own = {"relora": {9, 13, 19, 23}, "relora-7": {6, 11, 13, 18, 20, 25, 27}}
+    for name, steps in own.items():
+        assert set(resolve_run(s, "tiny", name, 1)["steps"]["analysis"]) == {0, 30} | steps
+    union = {0, 30} | own["relora"] | own["relora-7"]
+    for control in ("full", "lora"):  # full-rank and plain LoRA (never merged) alike
+        assert set(resolve_run(s, "tiny", control, 0)["steps"]["analysis"]) == union
+
+
+def test_around_merges_negative_offsets_before_step_zero_are_dropped():
+    s = load_study(study(analysis={"around_merges": [-20, -11, 0]}))
+    # 11 - 20 < 0 is dropped; 11 - 11 = 0 and 21 - 20 = 1 are kept
+    assert resolve_run(s, "tiny", "relora", 0)["steps"]["analysis"] == [0, 1, 10, 11, 21, 30]
+
+
+@pytest.mark.parametrize("bad", [["restart"], [1.5], "restart_warmup", [1, 1]])
+def test_around_merges_rejects_bad_offsets(bad):
+    with pytest.raises(ConfigError, match="around_merges"):
+        load_study(study(analysis={"around_merges": bad}))
+
+
+def test_default_study_analyses_around_its_merges(repo):
+    s = load_study(repo / "config.yaml")
+    relora, full = resolve_run(s, "tiny", "relora", 0), resolve_run(s, "small", "full", 0)
+    merges = relora["steps"]["merge"]
+    assert merges and relora["method"]["optimizer_reset"]["masks"] == "shared"
+    w = relora["method"]["restart_warmup"]
+    for m in merges:
+        assert {m - 1, m + 1, m + w} <= set(relora["steps"]["analysis"])
+    assert full["steps"]["analysis"] == relora["steps"]["analysis"]
+    assert resolve_run(s, "tiny", "relora-paper", 0)["method"]["optimizer_reset"]["masks"] == "independent"
 
 
 def test_merge_steps_follow_the_paper_semantics(repo):

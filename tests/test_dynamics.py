@@ -198,11 +198,119 @@ def test_analyse_checkpoints_rows(tmp_path):
     probe = torch.randint(0, config.vocab_size, (2, 9))
     rows = analyse_checkpoints({s: (lambda p=p: load_snapshot(p)) for s, p in paths.items()}, probe)
     n_linear = config.n_layers * 7
-    per_step = n_linear * 4 * 6 + config.n_layers
+    # 5 spectral targets x 6 metrics, the adapter's condition_number_top_r, 2 adapter_A metrics
+    per_step = n_linear * (5 * 6 + 1 + 2) + config.n_layers
     assert len(rows) == 3 * per_step
     cka_final = [r["value"] for r in rows if r["metric"] == "cka_to_final" and r["step"] == 4]
     assert cka_final == pytest.approx([1.0] * config.n_layers)
     assert {r["target"] for r in rows} == set(TARGETS) | {"activation"}
+
+
+def _orthonormal_columns(n, k, seed):
+    Q, _ = torch.linalg.qr(torch.randn(n, k, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))
+    return Q
+
+
+def test_base_is_the_frozen_weight_and_weight_the_effective_one(tmp_path):
+    """Known matrices: W = U diag(5, 4, ...) V^T, and an adapter that adds 10 along a fresh
+    direction; `base` has W's spectrum, `weight` the merged one's."""
+    config = tiny_config()
+    model = make_model(config, seed=0)
+    d = config.d_model
+    U, V = _orthonormal_columns(d, d, 1), _orthonormal_columns(d, d, 2)
+    sigma_w = torch.linspace(5.0, 1.0, d, dtype=torch.float64)
+    W = U @ torch.diag(sigma_w) @ V.T
+    with torch.no_grad():
+        model.layers[0].attention.q_proj.weight.copy_(W)
+    adapters = relora_adapters(config, rank=4, seed=1)
+    key = linear_key(0, "q_proj")
+    # scale * B A = 2 * (5 u_0) (v_0)^T: the top direction of W grows from 5 to 15
+    A = torch.zeros(4, d, dtype=torch.float64)
+    B = torch.zeros(d, 4, dtype=torch.float64)
+    A[0], B[:, 0] = V[:, 0], 5.0 * U[:, 0]
+    adapters[f"{key}.A_lora"], adapters[f"{key}.B_lora"] = A.float(), B.float()
+    save_checkpoint(tmp_path / "s", model, step=3, adapters=adapters, rank=4, alpha=8.0)
+    rows = analyse_checkpoints({3: lambda: load_snapshot(tmp_path / "s")}, None,
+                               targets=("weight", "base", "adapter"), cka=False)
+    got = {(r["target"], r["metric"]): r["value"] for r in rows if r["layer"] == 0 and r["module"] == "q_proj"}
+    assert got[("base", "spectral_norm")] == pytest.approx(5.0, rel=1e-6)
+    assert got[("base", "condition_number")] == pytest.approx(5.0, rel=1e-5)
+    assert got[("weight", "spectral_norm")] == pytest.approx(15.0, rel=1e-6)
+    assert got[("weight", "condition_number")] == pytest.approx(15.0, rel=1e-5)
+    p = sigma_w / sigma_w.sum()
+    assert got[("base", "erank")] == pytest.approx(math.exp(-float((p * p.log()).sum())), rel=1e-6)
+    assert got[("adapter", "numerical_rank")] == 1
+    # a linear without adapter: base and weight rows identical, whatever the matrix
+    full = tmp_path / "full"
+    save_checkpoint(full, model, step=3)
+    rows = analyse_checkpoints({3: lambda: load_snapshot(full)}, None, targets=("weight", "base"), cka=False)
+    weight = {(r["layer"], r["module"], r["metric"]): r["value"] for r in rows if r["target"] == "weight"}
+    base = {(r["layer"], r["module"], r["metric"]): r["value"] for r in rows if r["target"] == "base"}
+    assert weight.keys() == base.keys() and len(weight) == config.n_layers * 7 * 6
+    assert all(base[k] == weight[k] or (math.isnan(base[k]) and math.isnan(weight[k])) for k in weight)
+    assert base[(0, "q_proj", "spectral_norm")] == pytest.approx(5.0, rel=1e-6)
+    # `base` alone (no weight target) is computed, not copied
+    alone = analyse_checkpoints({3: lambda: load_snapshot(full)}, None, targets=("base",), cka=False)
+    assert {(r["layer"], r["module"], r["metric"]): r["value"] for r in alone if r["metric"] != "erank"} == \
+        pytest.approx({k: v for k, v in base.items() if k[2] != "erank"}, rel=1e-12)
+
+
+@pytest.mark.parametrize("top, expected", [([4.0, 3.0, 2.0, 0.5], 8.0), ([4.0, 3.0, 2.0, 0.0], math.nan)])
+def test_adapter_condition_number_over_its_top_r_singular_values(tmp_path, top, expected):
+    """scale * B A with B = U diag(top), A = V^T (orthonormal U, V): its singular values are
+    scale * top, so sigma_1 / sigma_r = top[0] / top[-1]; NaN when B A has rank below r."""
+    config = tiny_config()
+    model = make_model(config, seed=0)
+    adapters = relora_adapters(config, rank=4, seed=1)
+    key = linear_key(1, "w_2")  # 24 x 96: r = 4 of k = 24
+    out_f, in_f = model.layers[1].swiglu.w_2.weight.shape
+    U, V = _orthonormal_columns(out_f, 4, 3), _orthonormal_columns(in_f, 4, 4)
+    adapters[f"{key}.B_lora"] = (U @ torch.diag(torch.tensor(top, dtype=torch.float64))).float()
+    adapters[f"{key}.A_lora"] = V.T.float()
+    save_checkpoint(tmp_path / "s", model, step=3, adapters=adapters, rank=4, alpha=8.0)
+    items, extra = snapshot_targets(load_snapshot(tmp_path / "s"), None, None, ("adapter",))
+    rows = spectra_rows(items, extra)
+    got = {r["metric"]: r["value"] for r in rows if r["layer"] == 1 and r["module"] == "w_2"}
+    assert got["condition_number"] == math.inf or math.isnan(got["condition_number"])  # rank r < k
+    if math.isnan(expected):
+        assert got["numerical_rank"] == 3 and math.isnan(got["condition_number_top_r"])
+    else:
+        assert got["spectral_norm"] == pytest.approx(2.0 * top[0], rel=1e-6)
+        assert got["condition_number_top_r"] == pytest.approx(expected, rel=1e-5)
+    # every adapter has the metric; none of the other targets does
+    assert sum(r["metric"] == "condition_number_top_r" for r in rows) == config.n_layers * 7
+    weight_items, weight_extra = snapshot_targets(load_snapshot(tmp_path / "s"), None, None, ("weight",))
+    assert not any(r["metric"] == "condition_number_top_r" for r in spectra_rows(weight_items, weight_extra))
+
+
+def test_adapter_a_outliers_against_the_init_bound(tmp_path):
+    """A known factor A of w_0 (in_features 24, bound 1/sqrt(24)): entries at 5, -3.5, 3.2 and
+    2.8 times the bound give max 5 and three entries above 3x."""
+    from relora.dynamics import adapter_a_rows
+
+    config = tiny_config()
+    model = make_model(config, seed=0)
+    adapters = relora_adapters(config, rank=4, seed=1)
+    for k in adapters:
+        if k.endswith("A_lora"):  # every other adapter inside its bound: |A| <= 0.5 / sqrt(in)
+            adapters[k] = adapters[k].clamp(-1, 1) * 0.5 / math.sqrt(adapters[k].shape[1])
+    key = linear_key(1, "w_0")
+    bound = 1 / math.sqrt(24)
+    A = torch.zeros(4, 24)
+    A[0, 0], A[1, 2], A[2, 3], A[3, 4] = 5 * bound, -3.5 * bound, 3.2 * bound, 2.8 * bound
+    adapters[f"{key}.A_lora"] = A
+    save_checkpoint(tmp_path / "s", model, step=3, adapters=adapters, rank=4, alpha=8.0)
+    rows = adapter_a_rows(load_snapshot(tmp_path / "s"))
+    assert len(rows) == config.n_layers * 7 * 2 and {r["target"] for r in rows} == {"adapter_A"}
+    got = {(r["layer"], r["module"], r["metric"]): r["value"] for r in rows}
+    assert got[(1, "w_0", "max_abs_over_init_bound")] == pytest.approx(5.0, rel=1e-6)
+    assert got[(1, "w_0", "entries_over_3x_bound")] == 3
+    # w_2's in_features is 96: its bound is 1/sqrt(96), half of 1/sqrt(24)
+    others = [v for (layer, module, metric), v in got.items() if (layer, module) != (1, "w_0")]
+    assert all(v <= 0.5 + 1e-6 for v in others[0::2]) and all(v == 0 for v in others[1::2])
+    # a full-rank checkpoint has no adapter: no rows
+    save_checkpoint(tmp_path / "full", model, step=3)
+    assert adapter_a_rows(load_snapshot(tmp_path / "full")) == []
 
 
 def test_spectral_norms_from_the_gram_matrix_match_svd():

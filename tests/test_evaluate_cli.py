@@ -92,7 +92,8 @@ def test_evaluate_and_dynamics_write_the_contract_tables(tmp_path, data_dir, con
     dyn = pq.read_table(run_dir / "dynamics.parquet").to_pylist()
     assert list(dyn[0])[:9] == ["size", "condition", "seed", "step", "layer", "module", "target", "metric", "value"]
     targets = {r["target"] for r in dyn}
-    assert targets == ({"weight", "gradient", "update", "activation"} | ({"adapter"} if condition == "relora" else set()))
+    assert targets == ({"weight", "base", "gradient", "update", "activation"} |
+                       ({"adapter", "adapter_A"} if condition == "relora" else set()))
     final_cka = [r["value"] for r in dyn if r["metric"] == "cka_to_final" and r["step"] == 4]
     assert final_cka == pytest.approx([1.0, 1.0])
     update0 = [r["value"] for r in dyn if r["step"] == 0 and r["target"] == "update" and r["metric"] == "numerical_rank"]

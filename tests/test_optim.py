@@ -101,6 +101,81 @@ def test_random_reset_is_identical_for_identical_generators():
     assert torch.equal(masks[0], masks[1])
 
 
+def _moments_in_unrelated_orders(n):
+    """AdamW state whose exp_avg and exp_avg_sq have unrelated magnitude orders (as after
+    training, where |m| and v rank the entries differently), no entry zero."""
+    param, optimizer = _optimizer_with_state(n)
+    state = optimizer.state[param]
+    generator = torch.Generator().manual_seed(7)
+    state["exp_avg"].copy_(torch.randn(n, generator=generator).abs() + 1e-3)
+    state["exp_avg"][::2] *= -1  # first moments of both signs
+    state["exp_avg_sq"].copy_(torch.rand(n, generator=generator) + 1e-3)
+    return param, optimizer
+
+
+def _first_moment_without_second(optimizer, param) -> int:
+    """Entries a reset left with v == 0 but m != 0: they move by lr * m_hat / eps next update."""
+    state = optimizer.state[param]
+    return int(((state["exp_avg_sq"] == 0) & (state["exp_avg"] != 0)).sum())
+
+
+@pytest.mark.parametrize("mode, ratio", [("random", 0.999), ("random", 0.5), ("magnitude", 0.999),
+                                         ("magnitude", 0.9)])
+def test_shared_masks_leave_no_first_moment_without_its_second(mode, ratio):
+    n = 100_000
+    param, optimizer = _moments_in_unrelated_orders(n)
+    v_before = optimizer.state[param]["exp_avg_sq"].clone()
+    reset_optimizer_state(optimizer, [param], mode, ratio, torch.Generator().manual_seed(3), masks="shared")
+    state = optimizer.state[param]
+    assert _first_moment_without_second(optimizer, param) == 0
+    # one mask for both moments: the same entries survive in each, about (1 - ratio) of them
+    assert torch.equal(state["exp_avg"] != 0, state["exp_avg_sq"] != 0)
+    kept = int((state["exp_avg_sq"] != 0).sum())
+    if mode == "magnitude":  # exactly the largest v survive
+        assert kept == n - round(ratio * n)
+        assert torch.equal(state["exp_avg_sq"] != 0, v_before >= v_before.sort().values[round(ratio * n)])
+    else:
+        assert kept == pytest.approx((1 - ratio) * n, rel=0.2)
+
+
+@pytest.mark.parametrize("mode, ratio", [("random", 0.999), ("magnitude", 0.999), ("magnitude", 0.9)])
+def test_independent_masks_leave_first_moments_without_second(mode, ratio):
+    """Quirk 4, the reference's behaviour: about ratio * (1 - ratio) of the entries keep m
+    while v is zeroed (random: independent draws; magnitude: unrelated rankings)."""
+    n = 100_000
+    param, optimizer = _moments_in_unrelated_orders(n)
+    reset_optimizer_state(optimizer, [param], mode, ratio, torch.Generator().manual_seed(3))
+    orphans = _first_moment_without_second(optimizer, param)
+    assert orphans == pytest.approx(ratio * (1 - ratio) * n, rel=0.35)
+    assert orphans > 0
+
+
+def test_shared_magnitude_mask_ranks_by_the_second_moment():
+    param, optimizer = _optimizer_with_state(1000)
+    state = optimizer.state[param]
+    state["exp_avg_sq"].copy_(torch.arange(1000, 0, -1, dtype=torch.float32))  # the reverse order of m
+    reset_optimizer_state(optimizer, [param], "magnitude", 0.9, masks="shared")
+    assert torch.equal(state["exp_avg_sq"][:100], torch.arange(1000, 900, -1, dtype=torch.float32))
+    assert torch.equal(state["exp_avg"][:100], torch.arange(1, 101, dtype=torch.float32))
+    assert state["exp_avg"][100:].count_nonzero() == 0 and state["exp_avg_sq"][100:].count_nonzero() == 0
+
+
+@pytest.mark.parametrize("masks", ["independent", "shared"])
+def test_random_reset_is_deterministic_per_generator_seed(masks):
+    states = []
+    for _ in range(2):
+        param, optimizer = _moments_in_unrelated_orders(5000)
+        reset_optimizer_state(optimizer, [param], "random", 0.9, torch.Generator().manual_seed(11), masks=masks)
+        states.append({k: optimizer.state[param][k].clone() for k in ("exp_avg", "exp_avg_sq")})
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_unknown_reset_masks_is_an_error():
+    param, optimizer = _optimizer_with_state(10)
+    with pytest.raises(ValueError, match="masks 'both'"):
+        reset_optimizer_state(optimizer, [param], "random", 0.5, masks="both")
+
+
 def test_weight_decay_groups():
     from relora.model import ModelConfig, PicoDecoder
 

@@ -170,3 +170,25 @@ def test_one_seed_blimp_gaps_have_intervals_over_paradigms(tmp_path):
     gap = rows(s["gap_vs_size"])
     assert all((r["ci_low"] is not None) == (r["metric"] == "blimp") for r in gap)
     assert '"y2"' in json.dumps(s["gap_vs_size"])
+
+
+def test_around_merge_and_adapter_a_figures_carry_their_data(db):
+    s = specs(db)
+    around = rows(s["rank_around_merges"])
+    assert {r["target"] for r in around if r["kind"] == "run"} == {"base", "weight"}
+    assert {r["step"] for r in around if r["kind"] == "merge"} == {101, 201}
+    # a merge rule in both panels of every ReLoRA size and condition
+    assert len([r for r in around if r["kind"] == "merge"]) == 2 * 2 * 2 * 2
+    by = {(r["condition"], r["target"], r["seed"], r["size"].split()[0], r["step"]): r["value"]
+          for r in around if r["kind"] == "run"}
+    # synthetic data: ReLoRA's frozen base lags its weight by 0.01; full-rank's base is its weight
+    assert by[("relora", "weight", 0, "tiny", 300)] - by[("relora", "base", 0, "tiny", 300)] == pytest.approx(0.01)
+    assert by[("full", "weight", 0, "tiny", 300)] == by[("full", "base", 0, "tiny", 300)]
+    outliers = rows(s["adapter_a_outliers"])
+    runs = [r for r in outliers if r["kind"] == "run"]
+    assert {r["condition"] for r in runs} == {"relora", "relora-paper"}
+    assert max(r["value"] for r in runs if r["condition"] == "relora-paper") == pytest.approx(50 + 300 / 2)
+    assert max(r["value"] for r in runs if r["condition"] == "relora") == pytest.approx(0.9)
+    # entries above 3x, summed over the adapters of a step: (1 + 2) layers-weighted x 7 modules
+    assert {r["entries_over_3x"] for r in runs if r["condition"] == "relora-paper" and r["step"] > 100} == {21}
+    assert sorted(r["value"] for r in outliers if r["kind"] == "bound") == [1.0, 1.0, 3.0, 3.0]  # per size

@@ -82,3 +82,12 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert main(["aggregate", "--results", str(tmp_path), "--out", str(tmp_path / "s.duckdb")]) == 2
     assert "no run directories" in capsys.readouterr().err
     assert not (tmp_path / "s.duckdb").exists()
+
+
+def test_report_lists_adapter_entries_against_their_bound(study):
+    _, out = study
+    text = out.read_text()
+    section = text[text.index('id="adapter_a"'):text.index('id="figures"')]
+    # synthetic relora: A stays at 0.9 of its bound; one row per size and seed, none for full
+    assert section.count("<td class=\"l\">relora</td>") == 4 and ">full<" not in section
+    assert "0.9" in section and "of 14" in section

@@ -1,5 +1,6 @@
 """The trainer: determinism across conditions, resume, signals, divergence, DDP, bad input."""
 
+import copy
 import json
 import os
 import signal
@@ -27,7 +28,8 @@ STUDY = {
                  "save_state_every": 3, "schedule": {"name": "linear", "warmup": 2}, "device": "cpu"},
     "conditions": {"full": {"method": "full"},
                    "relora": {"method": "relora", "rank": 4, "alpha": 8, "dropout": 0.1, "reset_every": 4,
-                              "restart_warmup": 1, "optimizer_reset": {"mode": "random", "ratio": 0.9},
+                              "restart_warmup": 1,
+                              "optimizer_reset": {"mode": "random", "ratio": 0.9, "masks": "shared"},
                               "training": {"schedule": {"name": "jagged_cosine", "warmup": 4, "min_ratio": 0.1}}},
                    "relora-paper": {"method": "relora", "rank": 4, "alpha": 8, "reset_every": 4,
                                     "restart_warmup": 1, "lora_init": "paper", "merge_scale": "paper",
@@ -110,6 +112,28 @@ def test_paper_init_trains_nothing_low_rank_until_the_first_reset(tmp_path, data
     assert all(torch.equal(a.weight, b.weight) for a, b in zip(lora_modules(step8), lora_modules(before)))
     step12, _ = load_checkpoint(tmp_path / "run/checkpoints/step_12")
     assert all(not torch.equal(a.weight, b.weight) for a, b in zip(lora_modules(step12), lora_modules(step8)))
+
+
+@pytest.mark.parametrize("masks", ["shared", "independent"])
+def test_merge_resets_adapter_moments_with_the_configured_masks(tmp_path, data_dir, masks):
+    """Right after the merge at step 5 the trainer's reset leaves no adapter entry with a first
+    moment but no second one when the masks are shared; independent masks (quirk 4) do."""
+    study = copy.deepcopy(STUDY)
+    study["conditions"]["relora"]["optimizer_reset"] = {"mode": "random", "ratio": 0.5, "masks": masks}
+    trainer = Trainer(resolve_run(load_study(study), "tiny", "relora", 0), data_dir, tmp_path / "run",
+                      tmp_path / "resume", progress=False)
+    while trainer.step < 5:
+        trainer.train_step()
+    adapters = [p for m in lora_modules(trainer.model) for p in (m.A_lora, m.B_lora)]
+    states = [trainer.optimizer.state[p] for p in adapters]
+    orphans = sum(int(((s["exp_avg_sq"] == 0) & (s["exp_avg"] != 0)).sum()) for s in states)
+    kept = sum(int((s["exp_avg_sq"] != 0).sum()) for s in states)
+    total = sum(p.numel() for p in adapters)
+    assert 0.4 * total < kept < 0.6 * total  # the reset did run, at ratio 0.5
+    if masks == "shared":
+        assert orphans == 0
+    else:  # B's first moments are nonzero before the merge: about a quarter of them are orphaned
+        assert orphans > 0.1 * total
 
 
 def test_warm_start_attaches_adapters_after_full_rank_steps(tmp_path, data_dir):

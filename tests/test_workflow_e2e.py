@@ -26,7 +26,8 @@ def test_study_produces_every_output(e2e_study):
         for table in RUN_TABLES:
             assert (run / table).is_file(), run / table
         steps = sorted(int(p.name.removeprefix("step_")) for p in (run / "checkpoints").glob("step_*"))
-        assert steps == [0, 6, 12]
+        # every 6, and 1 step either side of the merges after 5 and 9 (full: the paired control)
+        assert steps == [0, 4, 6, 8, 10, 12]
     # resumable state is published into the run directory and deleted when a run ends
     assert not list(results.glob("resume/**/state.pt"))
 
@@ -60,6 +61,24 @@ def test_database_has_every_table_and_view(e2e_study):
     manifest = json.loads((e2e_study.results / "data/manifest.json").read_text())
     assert "blimp_unigram.parquet" in manifest["files"]
     assert manifest["stages"]["blimp"]["unigram"]["counts_from"] == "train.npy"
+
+
+def test_dynamics_around_merges_base_and_adapter_entries(e2e_study):
+    duckdb = pytest.importorskip("duckdb")
+    with duckdb.connect(str(e2e_study.results / "study.duckdb"), read_only=True) as db:
+        steps = db.execute("SELECT condition, list(DISTINCT step ORDER BY step) FROM dynamics "
+                           "GROUP BY condition").fetchall()
+        assert {c: s for c, s in steps} == {c: [0, 4, 6, 8, 10, 12] for c in ("full", "relora-paper", "relora")}
+        targets = dict(db.execute("SELECT condition, list(DISTINCT target ORDER BY target) FROM dynamics "
+                                  "GROUP BY condition").fetchall())
+        assert targets["full"] == ["activation", "base", "gradient", "update", "weight"]
+        assert targets["relora"] == ["activation", "adapter", "adapter_A", "base", "gradient", "update", "weight"]
+        # 14 adapters per run and step, each with both adapter_A metrics, all finite
+        n, finite = db.execute("SELECT count(*), count(*) FILTER (WHERE isfinite(value)) FROM dynamics "
+                               "WHERE target = 'adapter_A' AND condition = 'relora'").fetchone()
+        assert n == finite == len(e2e_study.study["seeds"]) * 6 * 14 * 2
+    for name in ("rank_around_merges", "adapter_a_outliers"):
+        assert (e2e_study.results / "figures" / f"{name}.png").is_file()
 
 
 def test_nothing_left_to_do_after_the_run(e2e_study):

@@ -87,8 +87,9 @@ def missing_stage_commands() -> list[str]:
 def tiny_study(root: Path, name: str = "e2e", seeds=(0, 1),
                conditions=("full", "relora-paper", "relora"), device: str = "cpu") -> dict:
     """The shrunk study of the end-to-end tests: the paper's comparison (full, relora-paper,
-    relora) on a synthetic two-domain corpus, one 2-layer d=24 model, 12 steps, evaluated and
-    analysed at steps 0, 6 and 12. Seconds per job; the jobs' start-up dominates."""
+    relora) on a synthetic two-domain corpus, one 2-layer d=24 model, 12 steps, evaluated at
+    steps 0, 6 and 12 and analysed there and around the merges (after updates 5 and 9): steps 4,
+    6, 8 and 10 as well. Seconds per job; the jobs' start-up dominates."""
     from data_helpers import write_domain_files
 
     source = root / "corpus_source"
@@ -100,7 +101,8 @@ def tiny_study(root: Path, name: str = "e2e", seeds=(0, 1),
     all_conditions = {
         "full": {"method": "full"},
         "relora-paper": {**copy.deepcopy(relora), "lora_init": "paper", "merge_scale": "paper"},
-        "relora": {**copy.deepcopy(relora), "lora_init": "standard", "merge_scale": "correct"},
+        "relora": {**copy.deepcopy(relora), "lora_init": "standard", "merge_scale": "correct",
+                   "optimizer_reset": {"mode": "random", "ratio": 0.999, "masks": "shared"}},
     }
     return {
         "study": name,
@@ -119,7 +121,7 @@ def tiny_study(root: Path, name: str = "e2e", seeds=(0, 1),
         "evaluation": {"every": 6,
                        "blimp": {"source": "generated", "pairs_per_paradigm": 4,
                                  "min_word_count": 0}},
-        "analysis": {"every": 6},
+        "analysis": {"every": 6, "around_merges": [-1, 1]},
         "workflow": {"threads": {"data": 1, "train": 1, "evaluate": 1, "dynamics": 1,
                                  "results": 1}},
     }

@@ -186,12 +186,12 @@ def run_evaluate(args) -> int:
 
 def run_dynamics(args) -> int:
     from ..data.manifest import verify_inputs
-    from ..dynamics import analyse_checkpoints, load_probe
+    from ..dynamics import TARGETS, analyse_checkpoints, load_probe
     from ..evaluate import write_parquet_atomic
 
     study, run, steps, device = _setup(args, "analysis")
     analysis = study.get("analysis", {})
-    targets = tuple(analysis.get("targets", ("weight", "gradient", "update", "adapter")))
+    targets = tuple(analysis.get("targets", TARGETS))
     cka = analysis.get("cka", True)
     loaders = {step: _snapshot_loader(args, run, step) for step in steps}
     if "gradient" in targets or cka:

@@ -73,15 +73,21 @@ def run_describe(args) -> int:
         print()
         return 0
     columns = ["size", "condition", "params_total", "params_trainable", "flops_per_token",
-               "flop_ratio_to_full", "optimizer_state_bytes", "tokens", "total_flops"]
+               "flop_ratio_to_full", "optimizer_state_bytes", "tokens", "total_flops", "n_merges",
+               "lr_after_merge", "paper_lr_after_merge", "lr_after_merge_over_paper"]
     widths = [max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in columns]
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     for r in rows:
         print("  ".join(_fmt(r[c]).rjust(w) for c, w in zip(columns, widths)))
+    if any(r["lr_after_merge"] is not None for r in rows):
+        print("lr_after_merge: lr * f(k) of the first update after the first merge (after update k); "
+              "paper_lr_after_merge: the paper's 3e-4 * f(2001)")
     return 0
 
 
 def _fmt(value) -> str:
+    if value is None:
+        return "-"
     if isinstance(value, float):
         return f"{value:.4g}" if value < 1e4 else f"{value:.3e}"
     if isinstance(value, int):

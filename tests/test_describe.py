@@ -1,0 +1,74 @@
+"""`relora describe`: the learning rate of the first update after a merge, the run's and the paper's."""
+
+import math
+from pathlib import Path
+
+import pytest
+
+from relora.cli import main
+from relora.config import load_study, resolve_run
+from relora.describe import describe_run, describe_study, paper_lr_after_merge
+
+
+PAPER_STUDY = Path(__file__).resolve().parent.parent / "workflow" / "studies" / "paper.yaml"
+
+
+def cosine(p):
+    return 0.5 * (1 + math.cos(math.pi * p))
+
+
+def test_paper_value_is_its_formula_at_the_first_update_after_the_first_merge():
+    # update 2002 runs with 3e-4 * f(2001): 2001 mod 2000 = 1 < w, so (1 / 100) x the cosine's
+    # value at the end of the re-warmup, (kR + w - W) / (T - W) = (2000 + 100 - 2000) / 198000
+    expected = 3e-4 * (1 / 100) * (0.1 + 0.9 * cosine(100 / 198_000))
+    assert paper_lr_after_merge() == pytest.approx(expected, rel=1e-12)
+
+
+def study(reset_every=40, restart_warmup=2, lr=3e-3):
+    return {
+        "study": "d",
+        "data": {"seq_len": 16, "tokenizer": {"vocab_size": 100}},
+        "sizes": {"tiny": {"d_model": 24, "n_layers": 2, "n_heads": 6, "n_kv_heads": 2}},
+        "training": {"steps": 200, "batch_size": 4, "lr": lr, "device": "cpu",
+                     "schedule": {"name": "linear", "warmup": 25, "horizon": 2000}},
+        "conditions": {
+            "full": {"method": "full"},
+            "relora": {"method": "relora", "rank": 4, "alpha": 8, "reset_every": reset_every,
+                       "restart_warmup": restart_warmup,
+                       "training": {"schedule": {"name": "jagged_cosine", "warmup": 20, "min_ratio": 0.1}}},
+        },
+        "seeds": [0],
+    }
+
+
+def test_run_value_is_its_schedule_formula_after_its_first_merge():
+    s = load_study(study())
+    row = describe_run(resolve_run(s, "tiny", "relora", 0))
+    # first merge after update 41 (41 mod 40 = 1); update 42 runs with f(41) = (1 / 2) x the
+    # cosine at (40 + 2 - 20) / (2000 - 20)
+    expected = 3e-3 * 0.5 * (0.1 + 0.9 * cosine(22 / 1980))
+    assert row["n_merges"] == 4
+    assert row["lr_after_merge"] == pytest.approx(expected, rel=1e-12)
+    assert row["lr_after_merge_over_paper"] == pytest.approx(expected / paper_lr_after_merge(), rel=1e-12)
+    full = describe_run(resolve_run(s, "tiny", "full", 0))
+    assert full["n_merges"] == 0 and full["lr_after_merge"] is None and full["paper_lr_after_merge"] is None
+
+
+def test_the_paper_study_matches_the_paper_value():
+    rows = {r["condition"]: r for r in describe_study(load_study(PAPER_STUDY))
+            if r["size"] == "tiny"}
+    assert rows["relora"]["lr_after_merge"] == pytest.approx(paper_lr_after_merge(), rel=1e-12)
+    assert rows["relora"]["lr_after_merge_over_paper"] == pytest.approx(1.0)
+
+
+def test_describe_prints_both_values(tmp_path, capsys):
+    import yaml
+
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study()))
+    assert main(["describe", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[0].split()
+    assert header[-3:] == ["lr_after_merge", "paper_lr_after_merge", "lr_after_merge_over_paper"]
+    relora = next(line.split() for line in out.splitlines() if " relora " in line)
+    assert float(relora[-2]) == pytest.approx(paper_lr_after_merge(), rel=1e-3)
