@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Iterable
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -67,18 +68,23 @@ def safe_name(name, what: str) -> str:
     return name
 
 
-def owned_or_empty(path: str | os.PathLike, *markers: str) -> bool:
-    """True when `path` is absent, an empty folder, or a folder holding one of `markers`."""
+def owned_or_empty(path: str | os.PathLike, *markers: str, products: Iterable[str] = ()) -> bool:
+    """True when `path` is absent, an empty folder, a folder holding one of `markers`, or a
+    folder holding nothing but entries named in `products` (what the command itself writes
+    there, e.g. a run folder whose run.json a Snakemake re-run has already removed)."""
     path = Path(path)
     if not path.exists():
         return True
     if not path.is_dir():
         return False
-    return any((path / m).exists() for m in markers) or not any(path.iterdir())
+    if any((path / m).exists() for m in markers):
+        return True
+    allowed = set(products)
+    return all(entry.name in allowed for entry in path.iterdir())
 
 
-def check_replaceable(path: str | os.PathLike, *markers: str) -> None:
-    if not owned_or_empty(path, *markers):
+def check_replaceable(path: str | os.PathLike, *markers: str, products: Iterable[str] = ()) -> None:
+    if not owned_or_empty(path, *markers, products=products):
         raise ValueError(f"{path}: already exists and was not made by this command (it holds no "
                          f"{' or '.join(markers)}); refusing to replace it: move it away or choose another path")
 
@@ -92,12 +98,13 @@ def write_marker(folder: str | os.PathLike, marker: str, identity: dict | None =
     return atomic_write_text(Path(folder) / marker, json.dumps(record, indent=2) + "\n")
 
 
-def replace_dir(new: str | os.PathLike, target: str | os.PathLike, *markers: str) -> Path:
+def replace_dir(new: str | os.PathLike, target: str | os.PathLike, *markers: str,
+                products: Iterable[str] = ()) -> Path:
     """Put the finished folder `new` in place of `target`, which must be absent, empty or hold
     one of `markers`: the old folder is renamed aside, `new` renamed in, then the old removed, so
     `target` is always either the old folder or the new one, never a mix."""
     new, target = Path(new), Path(target)
-    check_replaceable(target, *markers)
+    check_replaceable(target, *markers, products=products)
     if target.exists():
         old = target.with_name(f".{target.name}.replaced{os.getpid()}")
         os.replace(target, old)

@@ -56,6 +56,11 @@ STATE = "state.pt"
 RESUME_MARKER = ".relora-resume"  # in a resume directory, from its creation: the run's identity
 RUN_MARKER = ".relora-run"  # in a published run directory
 LOCK = ".lock"
+# everything the pipeline writes into a run directory: a folder holding only these is a run of
+# ours even without its marker (a run published before markers existed, whose run.json and
+# checkpoints Snakemake removed before re-running its training)
+RUN_PRODUCTS = (RUN_MARKER, "run.json", "checkpoints", "train_metrics.parquet", "perplexity.parquet",
+                "blimp.parquet", "dynamics.parquet")
 
 
 class TrainingDiverged(RuntimeError):
@@ -367,7 +372,7 @@ class Trainer:
         if out == resume or out in resume.parents or resume in out.parents:
             raise ValueError(f"--out {self.out_dir} and --resume-dir {self.resume_dir} overlap; publishing "
                              "would replace or delete one with the other: give two separate folders")
-        check_replaceable(self.out_dir, RUN_MARKER, "run.json")
+        check_replaceable(self.out_dir, RUN_MARKER, "run.json", products=RUN_PRODUCTS)
         check_replaceable(self.resume_dir, RESUME_MARKER)
         marker = self.resume_dir / RESUME_MARKER
         if marker.is_file():
@@ -560,7 +565,7 @@ class Trainer:
         shutil.copytree(self.resume_dir / "checkpoints", staging / "checkpoints", copy_function=_link_or_copy)
         write_metrics(self.rows, self.run, staging / "train_metrics.parquet")
         atomic_write_text(staging / "run.json", json.dumps(record, indent=2))
-        replace_dir(staging, self.out_dir, RUN_MARKER, "run.json")
+        replace_dir(staging, self.out_dir, RUN_MARKER, "run.json", products=RUN_PRODUCTS)
         (self.resume_dir / STATE).unlink(missing_ok=True)  # first: a half-deleted folder is never resumed
         shutil.rmtree(self.resume_dir / "checkpoints")
         (self.resume_dir / RESUME_MARKER).unlink()

@@ -218,6 +218,26 @@ def test_republish_replaces_the_run_folder_as_a_whole(tmp_path, data_dir):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".run")] == []
 
 
+def test_a_run_folder_of_ours_without_marker_is_replaced_but_not_one_with_a_foreign_file(tmp_path, data_dir):
+    """A run published before markers existed, whose run.json and checkpoints Snakemake deleted
+    before re-running its training: only the pipeline's own products are left, so it is ours.
+    The same folder with one foreign file in it is not."""
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("perplexity.parquet", "blimp.parquet", "dynamics.parquet"):
+        (out / name).write_text("evaluation of an earlier run")
+    train(resolved(), data_dir, out, tmp_path / "resume", progress=False)
+    assert (out / "run.json").is_file() and not (out / "perplexity.parquet").exists()
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "dynamics.parquet").write_text("evaluation of an earlier run")
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=re.escape(str(other))):
+        train(resolved(), data_dir, other, tmp_path / "resume2", progress=False)
+    assert (other / "notes.txt").read_text() == "mine"
+
+
 def test_save_checkpoint_replaces_only_a_checkpoint(tmp_path, foreign):
     model = tiny_model()
     config = model.config.to_dict()
