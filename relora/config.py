@@ -22,6 +22,8 @@ if TYPE_CHECKING:  # imported lazily at run time: `relora --help` and the data s
 
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+# evaluation.blimp.reference: the package's table of published BLiMP accuracies
+PUBLISHED_BLIMP_REFERENCE = "published"
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "w_0", "w_1", "w_2")
 
 
@@ -184,7 +186,18 @@ def load_study(config, overrides: list[str] | None = None, source: str | None = 
         validate_schema(merged, f"{source}: conditions.{name}.training",
                         {**load_schema(), **load_schema()["$defs"]["training"]})
     check_semantics(study, source)
+    study["evaluation"]["blimp"]["reference"] = blimp_reference(study["evaluation"]["blimp"])
     return study
+
+
+def blimp_reference(blimp: dict) -> str | None:
+    """`evaluation.blimp.reference` with `auto` (the default) decided: the published accuracies
+    for BLiMP's own paradigms (any source but `generated`), none for generated pairs (their
+    `gen_` UIDs join no published figure)."""
+    reference = blimp.get("reference", "auto")
+    if reference == "auto":
+        return None if blimp.get("source", "generated") == "generated" else PUBLISHED_BLIMP_REFERENCE
+    return reference
 
 
 def model_config(study: dict, size: str) -> ModelConfig:

@@ -296,9 +296,35 @@ def _load_runs(con, run_dirs: list[Path], study: dict | None) -> None:
                 "method::VARCHAR AS method) FROM runs_arrow ORDER BY size, condition, seed")
 
 
+# the published accuracies re-typed into the package (scripts/blimp_reference_table.py wrote it)
+PUBLISHED_REFERENCE_TABLE = "blimp_reference.csv"
+
+
+def published_blimp_reference() -> list[dict]:
+    """The published per-paradigm BLiMP accuracies of Warstadt et al. 2020 (5-gram, LSTM,
+    Transformer-XL, GPT-2, human agreement) from the package's table relora/data/blimp_reference.csv,
+    as rows of `blimp_reference`; the same rows `load_blimp_reference` reads from the authors' files."""
+    import csv
+    from importlib.resources import files
+
+    text = (files("relora.data") / PUBLISHED_REFERENCE_TABLE).read_text()
+    rows = []
+    table = csv.DictReader(line for line in text.splitlines() if not line.startswith("#"))
+    for record in table:
+        for model, label in (*REFERENCE_MODELS.items(), HUMAN):
+            if record[model]:  # empty: no published figure (two paradigms were validated, not released)
+                # as the authors' files have it: the human file names no phenomenon
+                phenomenon = None if model == HUMAN[0] else record["phenomenon"]
+                rows.append({"uid": record["uid"], "phenomenon": phenomenon, "model": model,
+                             "model_label": label, "accuracy": float(record[model])})
+    return rows
+
+
 def load_blimp_reference(folder) -> list[dict]:
-    """Published per-paradigm BLiMP accuracies from a folder in the format of
-    ../shared/data/blimp/reference (models_summary.jsonl, human_validation_summary.csv)."""
+    """Published per-paradigm BLiMP accuracies from a folder in the format the BLiMP authors
+    released them in: models_summary.jsonl (one object per paradigm with UID, linguistics_term and
+    the accuracies `ngram`, `lstm`, `txl`, `gpt2`; rows with UID 'overall' are summaries) and
+    human_validation_summary.csv (Condition = UID, total_mean = human agreement)."""
     import csv
 
     folder = Path(folder)
@@ -333,13 +359,17 @@ def load_blimp_reference(folder) -> list[dict]:
     return rows
 
 
-def _load_reference(con, folder) -> None:
+def _load_reference(con, reference) -> None:
+    """`reference`: 'published' (the package's table), a folder of the authors' files, or None."""
     import pyarrow as pa
+
+    from .config import PUBLISHED_BLIMP_REFERENCE
 
     con.execute("CREATE TABLE blimp_reference (uid VARCHAR, phenomenon VARCHAR, model VARCHAR, "
                 "model_label VARCHAR, accuracy DOUBLE)")
-    if folder:
-        rows = load_blimp_reference(folder)
+    if reference:
+        rows = (published_blimp_reference() if reference == PUBLISHED_BLIMP_REFERENCE
+                else load_blimp_reference(reference))
         if rows:
             reference_arrow = pa.Table.from_pylist(rows)  # noqa: F841
             con.execute("INSERT INTO blimp_reference SELECT uid, phenomenon, model, model_label, "
@@ -680,6 +710,8 @@ def _blimp_tests(con, reference: str, confidence: float = 0.95,
 
 def study_settings(study: dict | None) -> dict:
     """The settings aggregation reads from a study config (defaults when absent)."""
+    from .config import blimp_reference
+
     study = study or {}
     analysis = study.get("analysis") or {}
     blimp = (study.get("evaluation") or {}).get("blimp") or {}
@@ -688,7 +720,7 @@ def study_settings(study: dict | None) -> dict:
         "reference_condition": analysis.get("reference_condition") or "full",
         "confidence": float(analysis.get("confidence", 0.95)),
         "final_loss_window": int(analysis.get("final_loss_window", 10)),
-        "blimp_reference": blimp.get("reference") if isinstance(blimp, dict) else None,
+        "blimp_reference": blimp_reference(blimp) if isinstance(blimp, dict) else None,
         "blimp_balanced_range": _balanced_range(blimp.get("balanced_range") if isinstance(blimp, dict)
                                                 else None),
     }

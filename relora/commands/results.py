@@ -15,7 +15,8 @@ def register(subparsers) -> None:
     source.add_argument("--results", type=Path, help="results/<study> (its runs/size=*/condition=*/seed=*)")
     source.add_argument("--runs", type=Path, nargs="+", help="explicit run directories")
     p.add_argument("--blimp-reference", type=Path, default=None,
-                   help="folder of published BLiMP accuracies (overrides evaluation.blimp.reference)")
+                   help="published BLiMP accuracies: `published` (the package's table) or a folder of the "
+                        "authors' files (overrides evaluation.blimp.reference)")
     p.add_argument("--blimp-baselines", type=Path, default=None,
                    help="the data stage's blimp_unigram.parquet: the unigram frequency baseline per "
                         "paradigm (table blimp_baselines, metric blimp_balanced)")

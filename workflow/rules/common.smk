@@ -19,7 +19,8 @@ sys.path.insert(0, workflow.basedir)
 RELORA_SOURCE = shlex.quote(workflow.basedir)
 shell.prefix("export PYTHONPATH={RELORA_SOURCE}${{PYTHONPATH:+:$PYTHONPATH}}; ")
 
-from relora.config import ConfigError, load_study, resolve_run, run_config_hash, runs
+from relora.config import (PUBLISHED_BLIMP_REFERENCE, ConfigError, load_study, resolve_run,
+                           run_config_hash, runs)
 
 
 # --- the study -------------------------------------------------------------------------------
@@ -191,9 +192,10 @@ def get_run_dirs(wildcards, input):
 
 
 def get_blimp_reference(wildcards):
-    """The folder of published BLiMP accuracies for reference lines, if the study names one."""
+    """The folder of published BLiMP accuracies for reference lines, if the study names one (the
+    package's own table, `published`, is no input file)."""
     reference = STUDY["evaluation"].get("blimp", {}).get("reference")
-    return {"blimp_reference": reference} if reference else {}
+    return {"blimp_reference": reference} if reference not in (None, PUBLISHED_BLIMP_REFERENCE) else {}
 
 
 def trains_on_token_file():
