@@ -1,11 +1,12 @@
 """Results: every run directory of a study -> one portable DuckDB file, with statistics.
 
-`aggregate` reads `runs/size=<s>/condition=<c>/seed=<n>/` (DESIGN 3.1: `run.json` and the
-Parquet files `train_metrics`, `dynamics`, `perplexity`, `blimp`; any may be missing for a run)
-and writes `study.duckdb` atomically (a temporary file in the same folder, then a rename), so a
-reader never sees a half-written database.
+`aggregate` reads `runs/size=<s>/condition=<c>/seed=<n>/` (docs/design.md, Files: `run.json` and the
+Parquet files `train_metrics`, `dynamics`, `perplexity`, `blimp`; any may be missing for a run) and
+writes `study.duckdb` atomically (a temporary file in the same folder, then a rename), so a reader
+never sees a half-written database.
 
-Tables (materialised, so the file is portable) and views, DESIGN 3.2 plus the statistics:
+Tables (materialised, so the file is portable) and views (docs/design.md, Tables), plus the
+statistics:
 
 - `runs`          one row per run: size, condition, seed, method, params_total,
                   params_trainable, run_seed, device, last_step, n_merges, merge_steps (INTEGER[]),
@@ -24,9 +25,11 @@ Tables (materialised, so the file is portable) and views, DESIGN 3.2 plus the st
                   and `entries_over_3x_bound` = entries with |A| > 3 / sqrt(in_features), per
                   adapter) and `activation` (`cka_to_final`, module `block`).
 - `blimp_reference(uid, phenomenon, model, model_label, accuracy)`: published per-paradigm
-                  accuracies (5-gram, LSTM, Transformer-XL, GPT-2, human agreement) read from
-                  `evaluation.blimp.reference` when it names a folder; empty otherwise. Join it
-                  by `uid` (the published file files two paradigms under another phenomenon).
+                  accuracies (Warstadt et al. 2020: 5-gram, LSTM, Transformer-XL, GPT-2, human
+                  agreement) as `evaluation.blimp.reference` says: `published`, the package's
+                  table relora/data/blimp_reference.csv; a folder of the authors' files; null,
+                  none (empty). Join it by `uid` (the published summary files two paradigms
+                  under another phenomenon).
 - `blimp_baselines(uid, phenomenon, field, baseline, accuracy, pairs, correct, source)`: the
                   accuracy per paradigm of a context-free baseline on the study's own BLiMP pairs;
                   baseline 'unigram' (relora/data/unigram.py: each sentence scored by its tokens'
@@ -85,7 +88,7 @@ from pathlib import Path
 
 RUN_FILES = ("train_metrics", "dynamics", "perplexity", "blimp")
 KEY_TYPES = {"size": "VARCHAR", "condition": "VARCHAR", "seed": "INTEGER"}
-# DESIGN 3.2: the contract's columns (beyond the run keys) and the types they are stored with
+# docs/design.md, Tables: the contract's columns (beyond the run keys) and their stored types
 CONTRACT = {
     "train_metrics": {"step": "BIGINT", "tokens": "BIGINT", "loss": "DOUBLE", "lr": "DOUBLE",
                       "grad_norm": "DOUBLE", "tokens_per_s": "DOUBLE", "merged": "BOOLEAN"},
@@ -204,7 +207,7 @@ def _load_table(con, name: str, run_dirs: list[Path]) -> int:
         missing = [c for c in CONTRACT[name] if c not in columns]
         if missing:
             raise ResultsError(f"{path}: missing column(s) {', '.join(missing)} "
-                               f"(DESIGN 3.2: {name}({', '.join(contract)}))")
+                               f"(docs/design.md, Tables: {name}({', '.join(contract)}))")
         select = [f"{_sql_str(size)}::VARCHAR AS size", f"{_sql_str(condition)}::VARCHAR AS condition",
                   f"{seed}::INTEGER AS seed"]
         select += [f"CAST({_sql_ident(c)} AS {t}) AS {_sql_ident(c)}" for c, t in CONTRACT[name].items()]

@@ -1,4 +1,5 @@
-"""`relora aggregate`, `relora figures`, `relora report`: the results stage (DESIGN 3.1, 3.2)."""
+"""`relora aggregate`, `relora figures`, `relora report`: the results stage (docs/design.md,
+Tables)."""
 
 from __future__ import annotations
 

@@ -25,9 +25,10 @@ from relora.config import (PUBLISHED_BLIMP_REFERENCE, ConfigError, load_study, r
 
 # --- the study -------------------------------------------------------------------------------
 
-# DESIGN 3.3: a study given with --configfile REPLACES config.yaml. Snakemake deep-merges it into
-# the `configfile:` of the Snakefile (so config.yaml's sizes and conditions would leak into every
-# other study); keep only what the command line gave (its config files, then any --config).
+# docs/design.md, Studies: a study given with --configfile REPLACES config.yaml. Snakemake
+# deep-merges it into the `configfile:` of the Snakefile (so config.yaml's sizes and conditions
+# would leak into every other study); keep only what the command line gave (its config files, then
+# any --config).
 if workflow.overwrite_configfiles:
     config.clear()
     config.update(copy.deepcopy(dict(workflow.config_settings.overwrite_config)))
@@ -297,8 +298,8 @@ def get_train_mem_mb(wildcards):
 
 
 def get_train_runtime(wildcards):
-    """Minutes for a train job: its model FLOPs (DESIGN 5) at the configured FLOP/s, doubled,
-    plus 10 minutes for start-up, checkpoints and a resume."""
+    """Minutes for a train job: its model FLOPs (docs/design.md, Model FLOPs) at the configured
+    FLOP/s, doubled, plus 10 minutes for start-up, checkpoints and a resume."""
     if SCHEDULE["runtime"]["train"] is not None:
         return within_limit(SCHEDULE["runtime"]["train"])
     from relora.model import ModelConfig, model_flops_per_token
