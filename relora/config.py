@@ -21,7 +21,11 @@ if TYPE_CHECKING:  # imported lazily at run time: `relora --help` and the data s
     from .model import ModelConfig
 
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+# the schema's one source is workflow/schemas/config.schema.yaml; a wheel, which has no workflow
+# folder, carries a copy inside the package (setup.py makes it at build time)
+_SOURCE_SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+_PACKAGED_SCHEMA = Path(__file__).resolve().parent / "config.schema.yaml"
+SCHEMA_PATH = _SOURCE_SCHEMA if _SOURCE_SCHEMA.is_file() else _PACKAGED_SCHEMA
 # evaluation.blimp.reference: the package's table of published BLiMP accuracies
 PUBLISHED_BLIMP_REFERENCE = "published"
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "w_0", "w_1", "w_2")
