@@ -305,8 +305,9 @@ PUBLISHED_REFERENCE_TABLE = "blimp_reference.csv"
 
 def published_blimp_reference() -> list[dict]:
     """The published per-paradigm BLiMP accuracies of Warstadt et al. 2020 (5-gram, LSTM,
-    Transformer-XL, GPT-2, human agreement) from the package's table relora/data/blimp_reference.csv,
-    as rows of `blimp_reference`; the same rows `load_blimp_reference` reads from the authors' files."""
+    Transformer-XL, GPT-2, human agreement) from the package's table
+    relora/data/blimp_reference.csv, as rows of `blimp_reference`: the rows
+    `load_blimp_reference` reads from the authors' files."""
     import csv
     from importlib.resources import files
 
@@ -333,8 +334,8 @@ def load_blimp_reference(folder) -> list[dict]:
     folder = Path(folder)
     models, human = folder / "models_summary.jsonl", folder / "human_validation_summary.csv"
     if not folder.is_dir() or not (models.exists() or human.exists()):
-        raise ResultsError(f"{folder}: evaluation.blimp.reference must be a folder with "
-                           "models_summary.jsonl and/or human_validation_summary.csv")
+        raise ResultsError(f"{folder}: evaluation.blimp.reference must be `published`, null or a "
+                           "folder with models_summary.jsonl and/or human_validation_summary.csv")
     rows = []
     if models.exists():
         for n, line in enumerate(models.read_text().splitlines(), 1):

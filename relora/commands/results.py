@@ -9,7 +9,7 @@ from pathlib import Path
 def register(subparsers) -> None:
     p = subparsers.add_parser("aggregate", help="run directories -> study.duckdb (tables, views, statistics)")
     p.add_argument("--config", type=Path, default=None,
-                   help="study YAML (reference condition, confidence, BLiMP reference folder)")
+                   help="study YAML (reference condition, confidence, BLiMP reference)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a study key (repeatable)")
     source = p.add_mutually_exclusive_group(required=True)
