@@ -1,4 +1,4 @@
-# relora-study: full-rank vs ReLoRA pretraining of small language models (DESIGN.md).
+# relora-study: full-rank vs ReLoRA pretraining of small language models (docs/design.md).
 #
 #   snakemake --cores all                                          the default study (config.yaml)
 #   snakemake --cores all --configfile workflow/studies/cpu.yaml   another study, which REPLACES

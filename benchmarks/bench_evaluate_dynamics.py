@@ -1,6 +1,6 @@
-"""Throughput of the evaluation and dynamics stages (not a test; DESIGN 5).
+"""Throughput of the evaluation and dynamics stages (not a test).
 
-    python benchmarks/bench_evaluate_dynamics.py [--threads N] [--blimp-dir ../shared/data/blimp]
+    python benchmarks/bench_evaluate_dynamics.py [--threads N] [--blimp-dir BLIMP_DIR]
 
 1. Spectra of a whole d=384, 12-layer ReLoRA checkpoint (targets weight, update, adapter:
    84 linears x 3 = 252 matrices, float64): the batched path (`spectra_rows`, one svdvals call
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -101,7 +102,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--blimp-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/blimp")
+    parser.add_argument("--blimp-dir", type=Path, default=os.environ.get("RELORA_BLIMP_DIR"),
+                        help="published BLiMP's <UID>.jsonl files (default: $RELORA_BLIMP_DIR; "
+                             "without it, no BLiMP timing)")
     parser.add_argument("--skip-spectra", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

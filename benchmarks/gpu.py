@@ -6,12 +6,13 @@ and the GPU-hours of the paper's four 20k-step runs extrapolated from them.
 
 Imports only torch and relora's core modules (relora.model, relora.lora, relora.optim): the GPU
 machines have torch but no Snakemake, DuckDB, Altair, jsonschema or PyYAML, so configs are built
-here in Python. The paper's setup (DESIGN 1.1): d=384 ("small"; d=96 "tiny"), 12 layers,
-12 query / 4 key-value heads, vocab 50304, seq 2048, bf16 mixed precision, AdamW; ReLoRA with
-r=16, alpha=32, dropout 0.1 on q, k, v, o, w_0, w_1, w_2. A run is 20k updates of 1024 sequences
-(41.9B tokens); the paper reports about 3,400 A100-hours for its four runs (2 sizes x 2 methods).
-MFU = model FLOPs (DESIGN 5: 6 per matmul weight per token + attention; for ReLoRA its own,
-smaller count) / the GPU's dense bf16 peak; "GEMM" is a measured 8192^3 bf16 matmul.
+here in Python. The paper's setup (docs/design.md, Model and training recipe): d=384 ("small";
+d=96 "tiny"), 12 layers, 12 query / 4 key-value heads, vocab 50304, seq 2048, bf16 mixed
+precision, AdamW; ReLoRA with r=16, alpha=32, dropout 0.1 on q, k, v, o, w_0, w_1, w_2. A run is
+20k updates of 1024 sequences (41.9B tokens); the paper reports about 3,400 A100-hours for its
+four runs (2 sizes x 2 methods). MFU = model FLOPs (docs/design.md, Model FLOPs: 6 per matmul
+weight per token + attention; for ReLoRA its own, smaller count) / the GPU's dense bf16 peak;
+"GEMM" is a measured 8192^3 bf16 matmul.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ def paper_config(d_model: int, seq: int, vocab: int = 50304, n_layers: int = 12)
 
 
 def relora_flops_per_token(model, seq: int) -> float:
-    """DESIGN 5 (relora.describe without its config imports): frozen weights 4 FLOPs per parameter
-    per token instead of 6, adapters 6."""
+    """docs/design.md, Model FLOPs (relora.describe without its config imports): frozen weights
+    4 FLOPs per parameter per token instead of 6, adapters 6."""
     frozen = sum(m.weight.numel() for m in lora_modules(model))
     adapter = sum(m.A_lora.numel() + m.B_lora.numel() for m in lora_modules(model))
     return model_flops_per_token(model.config, seq) - 2 * frozen + 6 * adapter

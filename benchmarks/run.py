@@ -1,4 +1,4 @@
-"""All performance figures of DESIGN 5 / issue 7 in one table, each beside its baseline.
+"""All performance figures of the README (Benchmarks) in one table, each beside its baseline.
 
     python benchmarks/run.py [--repeats 5] [--quick] [--sizes tiny,small,d192,d384]
                              [--precisions fp32,bf16] [--skip-eval] [--skip-train]
@@ -7,8 +7,9 @@ Every figure and its baseline are measured in this one process, variants interle
 round and repeated (these shared machines vary by 10-15% between processes, and by more from
 minute to minute); the table gives medians and the ratio. "GEMM" is a 2048 x 2048 matmul on all
 threads, timed in every round between the variants (fp32 for the MFU column; bf16 GEMM beside
-it for bf16 rows). Model FLOPs follow DESIGN 5 (relora.model.model_flops_per_token) and the
-ReLoRA FLOP bound relora.describe.relora_flops_per_token.
+it for bf16 rows). Model FLOPs follow docs/design.md, Model FLOPs
+(relora.model.model_flops_per_token) and the ReLoRA FLOP bound
+relora.describe.relora_flops_per_token.
 
 Baselines: transformers LlamaForCausalLM (+ peft LoRA for ReLoRA, same rank, alpha, dropout,
 targets and trainable set) with fused AdamW (transformers.Trainer's default optimizer for torch >=
@@ -47,7 +48,7 @@ from relora.optim import build_optimizer  # noqa: E402
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "w_0", "w_1", "w_2"]
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # name: (d_model, vocab, seq_len, batch, rank): the default study's sizes (seq 128, batch 16, as
-# config.yaml) and the DESIGN 5 reference sizes (vocab 8192, seq 256)
+# config.yaml) and the sizes the FLOP bound is quoted at (vocab 8192, seq 256)
 SHAPES = {
     "tiny": (48, 8192, 128, 16, 8),
     "small": (96, 8192, 128, 16, 8),
@@ -272,7 +273,7 @@ def training_table(rows: list[dict], info: dict) -> list[str]:
             line(ours_key, fmt(by[ours_key]), hf_key, fmt(by[hf_key]),
                  f"{by[ours_key]['tokens_per_s'] / by[hf_key]['tokens_per_s']:.2f}x", ">= 1.30")
     measured = by["ours relora p=0"]["step_s"] / full["step_s"]
-    line("ours relora p=0 step / full step", f"{measured:.3f}", "FLOP bound (DESIGN 5)",
+    line("ours relora p=0 step / full step", f"{measured:.3f}", "FLOP bound",
          f"{info['flop_bound']:.3f}", f"{measured / info['flop_bound']:.2f}x",
          "<= 1.15x at d384" if shape == "d384" else "")
     for mask in ("per_adapter", "shared"):
@@ -323,7 +324,7 @@ def bench_attention(repeats: int) -> list[str]:
 
 # --- evaluation and dynamics -----------------------------------------------------------------
 
-def bench_evaluation(repeats: int, blimp_dir: Path) -> list[str]:
+def bench_evaluation(repeats: int, blimp_dir: Path | None) -> list[str]:
     import numpy as np
 
     from relora.evaluate import score_documents, score_sentence_naive, score_sentences
@@ -336,7 +337,7 @@ def bench_evaluation(repeats: int, blimp_dir: Path) -> list[str]:
     rng = np.random.default_rng(0)
     # BLiMP-like sentences: lengths of the real pairs when present (8-20 tokens), else 6-18
     lengths = rng.integers(6, 19, 2000)
-    if blimp_dir.is_dir():
+    if blimp_dir and blimp_dir.is_dir():
         words = []
         for file in sorted(blimp_dir.glob("*.jsonl"))[:20]:
             for line in file.read_text().splitlines()[:50]:
@@ -453,8 +454,9 @@ def main():
     parser.add_argument("--no-ablations", action="store_true")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-eval", action="store_true")
-    parser.add_argument("--blimp-dir", type=Path,
-                        default=Path(__file__).resolve().parents[2] / "shared/data/blimp")
+    parser.add_argument("--blimp-dir", type=Path, default=os.environ.get("RELORA_BLIMP_DIR"),
+                        help="published BLiMP's <UID>.jsonl files, for real sentence lengths "
+                             "(default: $RELORA_BLIMP_DIR; without it, 6-18 tokens)")
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.precisions, args.repeats = "tiny,d384", "fp32", 3

@@ -10,11 +10,14 @@ import argparse
 import importlib
 import sys
 
+from . import __version__
+
 COMMAND_MODULES = ("train", "data", "evaluate", "results")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relora", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:

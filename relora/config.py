@@ -21,7 +21,13 @@ if TYPE_CHECKING:  # imported lazily at run time: `relora --help` and the data s
     from .model import ModelConfig
 
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+# the schema's one source is workflow/schemas/config.schema.yaml; a wheel, which has no workflow
+# folder, carries a copy inside the package (setup.py makes it at build time)
+_SOURCE_SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+_PACKAGED_SCHEMA = Path(__file__).resolve().parent / "config.schema.yaml"
+SCHEMA_PATH = _SOURCE_SCHEMA if _SOURCE_SCHEMA.is_file() else _PACKAGED_SCHEMA
+# evaluation.blimp.reference: the package's table of published BLiMP accuracies
+PUBLISHED_BLIMP_REFERENCE = "published"
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "w_0", "w_1", "w_2")
 
 
@@ -184,7 +190,18 @@ def load_study(config, overrides: list[str] | None = None, source: str | None = 
         validate_schema(merged, f"{source}: conditions.{name}.training",
                         {**load_schema(), **load_schema()["$defs"]["training"]})
     check_semantics(study, source)
+    study["evaluation"]["blimp"]["reference"] = blimp_reference(study["evaluation"]["blimp"])
     return study
+
+
+def blimp_reference(blimp: dict) -> str | None:
+    """`evaluation.blimp.reference` with `auto` (the default) decided: the published accuracies
+    for BLiMP's own paradigms (any source but `generated`), none for generated pairs (their
+    `gen_` UIDs join no published figure)."""
+    reference = blimp.get("reference", "auto")
+    if reference == "auto":
+        return None if blimp.get("source", "generated") == "generated" else PUBLISHED_BLIMP_REFERENCE
+    return reference
 
 
 def model_config(study: dict, size: str) -> ModelConfig:

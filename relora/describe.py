@@ -31,8 +31,8 @@ def paper_lr_after_merge() -> float:
 
 
 def relora_flops_per_token(model, seq_len: int) -> float:
-    """DESIGN 5: a frozen weight needs no weight gradient (4 FLOPs per parameter per token
-    instead of 6) while every adapter parameter costs the usual 6."""
+    """docs/design.md, Model FLOPs: a frozen weight needs no weight gradient (4 FLOPs per
+    parameter per token instead of 6) while every adapter parameter costs the usual 6."""
     full = model_flops_per_token(model.config, seq_len)
     frozen = sum(m.weight.numel() for m in lora_modules(model))
     adapter = sum(m.A_lora.numel() + m.B_lora.numel() for m in lora_modules(model))

@@ -1,6 +1,6 @@
 """Learning dynamics of a run: spectra of weights, gradients, updates and adapters, and CKA.
 
-DESIGN 1.2. Singular values are computed in float64. Values at or below the tolerance
+docs/design.md, Metrics. Singular values are computed in float64. Values at or below the tolerance
 `k * eps(stored dtype) * s` count as zero, with k = min(m, n) and s the largest singular value of
 the stored matrices the target is computed from (for `update`, of the weight at step t), so that
 stored rounding noise never reads as rank:
@@ -100,7 +100,8 @@ def batched_spectral_norms(matrices: list[torch.Tensor], device=None) -> list[fl
 
 
 def spectrum_metrics(sigma: torch.Tensor, tol: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The rank metrics of DESIGN 1.2 from singular values sigma (..., k) and tolerances (...)."""
+    """The rank metrics (docs/design.md, Metrics) from singular values sigma (..., k) and
+    tolerances (...)."""
     sigma = sigma.double()
     tol = torch.as_tensor(tol, dtype=torch.float64).unsqueeze(-1)
     k = sigma.shape[-1]
@@ -326,7 +327,7 @@ def snapshot_targets(snapshot: Snapshot, initial: Snapshot | None, gradients: di
             elif "update" in targets:
                 extra[weight_key] = effective
             if "update" in targets and initial is not None:
-                # tolerance from the weight at step t (DESIGN 1.2): W_0's rounding noise is below it
+                # tolerance from the weight at step t: W_0's rounding noise is below it
                 update = effective - initial.effective_weight(layer, module)
                 items.append(Target(layer, module, "update", update, W.dtype, weight_key, summands))
             if "gradient" in targets and gradients is not None:

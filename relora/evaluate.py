@@ -1,10 +1,10 @@
 """Evaluation of a checkpoint: per-domain perplexity and bits per byte, and BLiMP.
 
-DESIGN 1.2. Perplexity per held-out domain is token-weighted, exp(sum NLL / predicted tokens),
-the first token of every document not predicted; bits per byte = sum NLL / (ln 2 * UTF-8 bytes of
-the predicted tokens), which compares models with different tokenizers; beside them the paper's
-convention, the mean over documents of per-document perplexity (Paloma, Magnusson et al. 2023,
-reports the token-weighted one). Documents longer than the context are scored with a sliding
+docs/design.md, Metrics. Perplexity per held-out domain is token-weighted, exp(sum NLL / predicted
+tokens), the first token of every document not predicted; bits per byte = sum NLL / (ln 2 * UTF-8
+bytes of the predicted tokens), which compares models with different tokenizers; beside them the
+paper's convention, the mean over documents of per-document perplexity (Paloma, Magnusson et al.
+2023, reports the token-weighted one). Documents longer than the context are scored with a sliding
 window (each token predicted once, with at least `context - stride` tokens of context after the
 first window, so stride < context; the Hugging Face "perplexity of fixed-length models" recipe).
 
@@ -449,7 +449,7 @@ def blimp_scores(model: PicoDecoder, pairs: list[dict], encode, eos_id: int, bat
 
 
 def blimp_summary(rows: list[dict]) -> dict:
-    """Accuracy per phenomenon and overall, each a mean of paradigm accuracies (DESIGN 1.2)."""
+    """Accuracy per phenomenon and overall, each a mean of paradigm accuracies."""
     by_phenomenon: dict[str, list[float]] = {}
     for row in rows:
         by_phenomenon.setdefault(row["phenomenon"], []).append(row["accuracy"])

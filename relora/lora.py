@@ -5,13 +5,13 @@ A targeted linear keeps its weight W (out x in, frozen) and trains A (r x in) an
 
     y = x W^T + scale * dropout(x) A^T B^T,   scale = alpha / r
 
-`merge_and_reinit` folds the adapter into W (W += scale * B A), re-initialises A (Kaiming
-uniform, a = sqrt(5), as nn.Linear) and zeroes B, so the model's function is unchanged and the
-next adapter starts from zero. Parameter names (`weight`, `A_lora`, `B_lora`) are the reference
-checkpoints'. Two quirks of the reference are options, off by default (DESIGN 1.1):
-`lora_init: paper` zeroes A as well as B when the adapters are first attached (neither factor
-then receives a gradient until the first reset), and `merge_scale: paper` merges B A without
-the scale (throwing away (scale - 1) / scale of the adapter's update at every reset).
+`merge_and_reinit` folds the adapter into W (W += scale * B A), re-initialises A (Kaiming uniform,
+a = sqrt(5), as nn.Linear) and zeroes B, so the model's function is unchanged and the next adapter
+starts from zero. Parameter names (`weight`, `A_lora`, `B_lora`) are the reference checkpoints'. Two
+quirks of the reference are options, off by default (docs/design.md, The quirks of the paper's
+implementation): `lora_init: paper` zeroes A as well as B when the adapters are first attached
+(neither factor then receives a gradient until the first reset), and `merge_scale: paper` merges B A
+without the scale (throwing away (scale - 1) / scale of the adapter's update at every reset).
 """
 
 from __future__ import annotations

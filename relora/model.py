@@ -333,9 +333,10 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def model_flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward), DESIGN 5 after Kaplan et al. 2020 and
-    nanoGPT's estimate_mfu: 6 per weight of every matrix multiply (all linears and the LM head;
-    the input embedding is a lookup) plus 12 * layers * seq_len * d for attention scores."""
+    """Training FLOPs per token (forward + backward; docs/design.md, Model FLOPs), after Kaplan et
+    al. 2020 and nanoGPT's estimate_mfu: 6 per weight of every matrix multiply (all linears and the
+    LM head; the input embedding is a lookup) plus 12 * layers * seq_len * d for attention
+    scores."""
     d, L = config.d_model, config.n_layers
     kv = config.n_kv_heads * config.head_dim
     per_layer = d * d * 2 + d * kv * 2 + 3 * d * config.ffn_hidden

@@ -1,9 +1,9 @@
 """AdamW parameter groups, learning-rate schedules and ReLoRA's optimizer-state reset.
 
-Schedules are pure functions of the step: `lr_factor(s, schedule)` is the multiplier of the
-peak learning rate after s updates, and update k runs with `lr * lr_factor(k - 1)` (DESIGN 1.1
-step semantics). Each has a horizon T separate from the number of steps trained: the paper
-trains 20k steps of a schedule that decays until 200k.
+Schedules are pure functions of the step: `lr_factor(s, schedule)` is the multiplier of the peak
+learning rate after s updates, and update k runs with `lr * lr_factor(k - 1)` (step semantics:
+docs/design.md, What a step is). Each has a horizon T separate from the number of steps trained: the
+paper trains 20k steps of a schedule that decays until 200k.
 """
 
 from __future__ import annotations

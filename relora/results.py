@@ -1,11 +1,12 @@
 """Results: every run directory of a study -> one portable DuckDB file, with statistics.
 
-`aggregate` reads `runs/size=<s>/condition=<c>/seed=<n>/` (DESIGN 3.1: `run.json` and the
-Parquet files `train_metrics`, `dynamics`, `perplexity`, `blimp`; any may be missing for a run)
-and writes `study.duckdb` atomically (a temporary file in the same folder, then a rename), so a
-reader never sees a half-written database.
+`aggregate` reads `runs/size=<s>/condition=<c>/seed=<n>/` (docs/design.md, Files: `run.json` and the
+Parquet files `train_metrics`, `dynamics`, `perplexity`, `blimp`; any may be missing for a run) and
+writes `study.duckdb` atomically (a temporary file in the same folder, then a rename), so a reader
+never sees a half-written database.
 
-Tables (materialised, so the file is portable) and views, DESIGN 3.2 plus the statistics:
+Tables (materialised, so the file is portable) and views (docs/design.md, Tables), plus the
+statistics:
 
 - `runs`          one row per run: size, condition, seed, method, params_total,
                   params_trainable, run_seed, device, last_step, n_merges, merge_steps (INTEGER[]),
@@ -24,9 +25,11 @@ Tables (materialised, so the file is portable) and views, DESIGN 3.2 plus the st
                   and `entries_over_3x_bound` = entries with |A| > 3 / sqrt(in_features), per
                   adapter) and `activation` (`cka_to_final`, module `block`).
 - `blimp_reference(uid, phenomenon, model, model_label, accuracy)`: published per-paradigm
-                  accuracies (5-gram, LSTM, Transformer-XL, GPT-2, human agreement) read from
-                  `evaluation.blimp.reference` when it names a folder; empty otherwise. Join it
-                  by `uid` (the published file files two paradigms under another phenomenon).
+                  accuracies (Warstadt et al. 2020: 5-gram, LSTM, Transformer-XL, GPT-2, human
+                  agreement) as `evaluation.blimp.reference` says: `published`, the package's
+                  table relora/data/blimp_reference.csv; a folder of the authors' files; null,
+                  none (empty). Join it by `uid` (the published summary files two paradigms
+                  under another phenomenon).
 - `blimp_baselines(uid, phenomenon, field, baseline, accuracy, pairs, correct, source)`: the
                   accuracy per paradigm of a context-free baseline on the study's own BLiMP pairs;
                   baseline 'unigram' (relora/data/unigram.py: each sentence scored by its tokens'
@@ -85,7 +88,7 @@ from pathlib import Path
 
 RUN_FILES = ("train_metrics", "dynamics", "perplexity", "blimp")
 KEY_TYPES = {"size": "VARCHAR", "condition": "VARCHAR", "seed": "INTEGER"}
-# DESIGN 3.2: the contract's columns (beyond the run keys) and the types they are stored with
+# docs/design.md, Tables: the contract's columns (beyond the run keys) and their stored types
 CONTRACT = {
     "train_metrics": {"step": "BIGINT", "tokens": "BIGINT", "loss": "DOUBLE", "lr": "DOUBLE",
                       "grad_norm": "DOUBLE", "tokens_per_s": "DOUBLE", "merged": "BOOLEAN"},
@@ -204,7 +207,7 @@ def _load_table(con, name: str, run_dirs: list[Path]) -> int:
         missing = [c for c in CONTRACT[name] if c not in columns]
         if missing:
             raise ResultsError(f"{path}: missing column(s) {', '.join(missing)} "
-                               f"(DESIGN 3.2: {name}({', '.join(contract)}))")
+                               f"(docs/design.md, Tables: {name}({', '.join(contract)}))")
         select = [f"{_sql_str(size)}::VARCHAR AS size", f"{_sql_str(condition)}::VARCHAR AS condition",
                   f"{seed}::INTEGER AS seed"]
         select += [f"CAST({_sql_ident(c)} AS {t}) AS {_sql_ident(c)}" for c, t in CONTRACT[name].items()]
@@ -296,16 +299,43 @@ def _load_runs(con, run_dirs: list[Path], study: dict | None) -> None:
                 "method::VARCHAR AS method) FROM runs_arrow ORDER BY size, condition, seed")
 
 
+# the published accuracies re-typed into the package (scripts/blimp_reference_table.py wrote it)
+PUBLISHED_REFERENCE_TABLE = "blimp_reference.csv"
+
+
+def published_blimp_reference() -> list[dict]:
+    """The published per-paradigm BLiMP accuracies of Warstadt et al. 2020 (5-gram, LSTM,
+    Transformer-XL, GPT-2, human agreement) from the package's table
+    relora/data/blimp_reference.csv, as rows of `blimp_reference`: the rows
+    `load_blimp_reference` reads from the authors' files."""
+    import csv
+    from importlib.resources import files
+
+    text = (files("relora.data") / PUBLISHED_REFERENCE_TABLE).read_text()
+    rows = []
+    table = csv.DictReader(line for line in text.splitlines() if not line.startswith("#"))
+    for record in table:
+        for model, label in (*REFERENCE_MODELS.items(), HUMAN):
+            if record[model]:  # empty: no published figure (two paradigms were validated, not released)
+                # as the authors' files have it: the human file names no phenomenon
+                phenomenon = None if model == HUMAN[0] else record["phenomenon"]
+                rows.append({"uid": record["uid"], "phenomenon": phenomenon, "model": model,
+                             "model_label": label, "accuracy": float(record[model])})
+    return rows
+
+
 def load_blimp_reference(folder) -> list[dict]:
-    """Published per-paradigm BLiMP accuracies from a folder in the format of
-    ../shared/data/blimp/reference (models_summary.jsonl, human_validation_summary.csv)."""
+    """Published per-paradigm BLiMP accuracies from a folder in the format the BLiMP authors
+    released them in: models_summary.jsonl (one object per paradigm with UID, linguistics_term and
+    the accuracies `ngram`, `lstm`, `txl`, `gpt2`; rows with UID 'overall' are summaries) and
+    human_validation_summary.csv (Condition = UID, total_mean = human agreement)."""
     import csv
 
     folder = Path(folder)
     models, human = folder / "models_summary.jsonl", folder / "human_validation_summary.csv"
     if not folder.is_dir() or not (models.exists() or human.exists()):
-        raise ResultsError(f"{folder}: evaluation.blimp.reference must be a folder with "
-                           "models_summary.jsonl and/or human_validation_summary.csv")
+        raise ResultsError(f"{folder}: evaluation.blimp.reference must be `published`, null or a "
+                           "folder with models_summary.jsonl and/or human_validation_summary.csv")
     rows = []
     if models.exists():
         for n, line in enumerate(models.read_text().splitlines(), 1):
@@ -333,13 +363,17 @@ def load_blimp_reference(folder) -> list[dict]:
     return rows
 
 
-def _load_reference(con, folder) -> None:
+def _load_reference(con, reference) -> None:
+    """`reference`: 'published' (the package's table), a folder of the authors' files, or None."""
     import pyarrow as pa
+
+    from .config import PUBLISHED_BLIMP_REFERENCE
 
     con.execute("CREATE TABLE blimp_reference (uid VARCHAR, phenomenon VARCHAR, model VARCHAR, "
                 "model_label VARCHAR, accuracy DOUBLE)")
-    if folder:
-        rows = load_blimp_reference(folder)
+    if reference:
+        rows = (published_blimp_reference() if reference == PUBLISHED_BLIMP_REFERENCE
+                else load_blimp_reference(reference))
         if rows:
             reference_arrow = pa.Table.from_pylist(rows)  # noqa: F841
             con.execute("INSERT INTO blimp_reference SELECT uid, phenomenon, model, model_label, "
@@ -680,6 +714,8 @@ def _blimp_tests(con, reference: str, confidence: float = 0.95,
 
 def study_settings(study: dict | None) -> dict:
     """The settings aggregation reads from a study config (defaults when absent)."""
+    from .config import blimp_reference
+
     study = study or {}
     analysis = study.get("analysis") or {}
     blimp = (study.get("evaluation") or {}).get("blimp") or {}
@@ -688,7 +724,7 @@ def study_settings(study: dict | None) -> dict:
         "reference_condition": analysis.get("reference_condition") or "full",
         "confidence": float(analysis.get("confidence", 0.95)),
         "final_loss_window": int(analysis.get("final_loss_window", 10)),
-        "blimp_reference": blimp.get("reference") if isinstance(blimp, dict) else None,
+        "blimp_reference": blimp_reference(blimp) if isinstance(blimp, dict) else None,
         "blimp_balanced_range": _balanced_range(blimp.get("balanced_range") if isinstance(blimp, dict)
                                                 else None),
     }

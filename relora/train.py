@@ -1,8 +1,8 @@
 """The training loop: one run (size x condition x seed), resumable, bitwise reproducible.
 
-Step semantics (DESIGN 1.1): "step k" means k optimizer updates are done; update k runs with
-learning rate `lr * f(k - 1)`; ReLoRA merges right after update k for k in the resolver's merge
-steps; checkpoint `step_k` is the state after update k and any merge at k.
+Step semantics (docs/design.md, What a step is): "step k" means k optimizer updates are done; update
+k runs with learning rate `lr * f(k - 1)`; ReLoRA merges right after update k for k in the
+resolver's merge steps; checkpoint `step_k` is the state after update k and any merge at k.
 
 Everything a run produces lives in its resume directory until the run ends: `state.pt` (model,
 optimizer, RNG, metric rows; the data position is the step, since batches are a pure function
@@ -598,7 +598,8 @@ def _progress_bar(start: int, total: int):
 
 
 def write_metrics(rows: list[dict], run: dict, path: Path) -> None:
-    """train_metrics.parquet: one row per optimizer step (DESIGN 3.2), written atomically."""
+    """train_metrics.parquet: one row per optimizer step (docs/design.md, Tables), written
+    atomically."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 

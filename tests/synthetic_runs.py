@@ -1,4 +1,5 @@
-"""A synthetic study written in the run-directory contract (DESIGN 3.1 and 3.2), with known values.
+"""A synthetic study in the run-directory contract (docs/design.md, Files and Tables), with
+known values.
 
 `write_synthetic_study(root)` writes `root/runs/size=<s>/condition=<c>/seed=<n>/` for every
 (size, condition, seed) with `run.json`, `train_metrics.parquet`, `dynamics.parquet`,

@@ -26,7 +26,7 @@ def study(source, n=None, **extra):
     return {"evaluation": {"blimp": blimp}}
 
 
-# --- real BLiMP from ../shared/data/blimp ---------------------------------------------------
+# --- published BLiMP from RELORA_BLIMP_DIR ---------------------------------------------------
 
 def test_local_blimp_folder(blimp_dir, tmp_path):
     paradigms = load_local(blimp_dir)

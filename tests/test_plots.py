@@ -7,16 +7,14 @@ import pytest
 
 import synthetic_runs as syn
 from relora import plots
-from relora.results import aggregate
+from relora.results import aggregate, published_blimp_reference
 
 
 @pytest.fixture(scope="module")
 def db(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("plots") / "synthetic"
     study = syn.write_synthetic_study(root)
-    reference = syn.Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "blimp" / "reference"
-    if reference.is_dir():
-        study["evaluation"]["blimp"] = {"reference": str(reference)}
+    study["evaluation"]["blimp"] = {"reference": "published"}  # the package's table
     return aggregate(root, study, root / "study.duckdb", blimp_baselines=write_baselines(root))
 
 
@@ -93,14 +91,14 @@ def test_specs_carry_the_data_they_should(db):
     assert json.dumps(s["train_loss"]).index("tiny (") < json.dumps(s["train_loss"]).index("small (")
 
 
-def test_blimp_reference_lines_join_by_uid(db, blimp_dir):
+def test_blimp_reference_lines_join_by_uid(db):
     s = specs(db)
     refs = [r for r in rows(s["blimp_overall"]) if r["kind"] == "reference"]
     assert {r["model"] for r in refs} == {"5-gram", "LSTM", "Transformer-XL", "GPT-2", "Human agreement"}
     # averaged over the study's paradigms only (6 UIDs), not BLiMP's published overall
-    gpt2 = [json.loads(line) for line in (blimp_dir / "reference" / "models_summary.jsonl").open()]
+    gpt2 = [r for r in published_blimp_reference() if r["model"] == "gpt2"]
     ours = {p[0] for p in syn.PARADIGMS}
-    expected = sum(r["gpt2"] for r in gpt2 if r["UID"] in ours) / len(ours)
+    expected = sum(r["accuracy"] for r in gpt2 if r["uid"] in ours) / len(ours)
     assert next(r for r in refs if r["model"] == "GPT-2")["accuracy"] == pytest.approx(expected)
     # per phenomenon: grouped by the data's phenomenon (animate_subject_passive -> s-selection)
     per = [r for r in rows(s["blimp_phenomena"]) if r["kind"] == "reference"]

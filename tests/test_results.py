@@ -230,6 +230,55 @@ def test_blimp_reference_is_loaded_from_the_configured_folder(tmp_path, blimp_di
         aggregate(tmp_path, study, tmp_path / "t.duckdb", blimp_reference=tmp_path / "nowhere")
 
 
+def test_published_blimp_reference_table():
+    rows = results.published_blimp_reference()
+    uids = {}
+    for r in rows:
+        uids.setdefault(r["model"], set()).add(r["uid"])
+        assert 0 <= r["accuracy"] <= 1, r
+        assert r["model_label"] == {**results.REFERENCE_MODELS, "human": "Human agreement"}[r["model"]]
+    assert set(uids) == {"ngram", "lstm", "txl", "gpt2", "human"}
+    released = uids["gpt2"]
+    assert len(released) == 67 and all(uids[m] == released for m in results.REFERENCE_MODELS)
+    # humans rated BLiMP's 67 paradigms and two more that were not released
+    assert released < uids["human"] and len(uids["human"]) == 69
+    assert len(rows) == 4 * 67 + 69
+    phenomena = {r["phenomenon"] for r in rows if r["model"] != "human"}
+    assert len(phenomena) == 12 and None not in phenomena  # as the published summary groups them
+    # a published figure, as printed in the BLiMP paper's per-paradigm table
+    assert next(r["accuracy"] for r in rows if r["uid"] == "anaphor_gender_agreement"
+                and r["model"] == "gpt2") == 0.994
+
+
+def test_published_blimp_reference_equals_the_authors_files(blimp_dir):
+    def key(rows):
+        return sorted(tuple(sorted(r.items(), key=lambda item: item[0])) for r in rows)
+
+    assert key(results.published_blimp_reference()) == key(results.load_blimp_reference(blimp_dir / "reference"))
+
+
+def test_blimp_reference_defaults_to_published_for_blimp_sources(tmp_path, repo):
+    from relora.config import blimp_reference, load_study
+
+    assert load_study(repo / "config.yaml")["evaluation"]["blimp"]["reference"] is None  # generated
+    for name in ("paper", "ablations"):
+        study = load_study(repo / "workflow" / "studies" / f"{name}.yaml")
+        assert study["evaluation"]["blimp"]["reference"] == "published", name
+    assert blimp_reference({"source": "some/folder"}) == "published"
+    assert blimp_reference({"source": "some/folder", "reference": None}) is None
+    assert blimp_reference({"source": "generated", "reference": "ref/folder"}) == "ref/folder"
+
+    study = syn.write_synthetic_study(tmp_path, sizes=("tiny",), conditions=("full",), seeds=(0,))
+    study.setdefault("evaluation", {})["blimp"] = {"source": "nyu-mll/blimp"}  # reference: auto
+    con = duckdb.connect(str(aggregate(tmp_path, study, tmp_path / "s.duckdb")), read_only=True)
+    n = con.execute("SELECT count(*) FROM blimp_reference").fetchall()[0][0]
+    assert n == len(results.published_blimp_reference())
+    joined = con.execute("SELECT count(DISTINCT b.uid) FROM blimp b JOIN blimp_reference r "
+                         "USING (uid) WHERE r.model = 'gpt2'").fetchall()[0][0]
+    assert joined == len(syn.PARADIGMS)
+    assert con.execute("SELECT blimp_reference FROM study").fetchall() == [("published",)]
+
+
 def test_atomic_write_leaves_no_partial_file(tmp_path):
     study = syn.write_synthetic_study(tmp_path / "r", sizes=("tiny",), conditions=("full", "relora"), seeds=(0,))
     out = tmp_path / "r" / "study.duckdb"

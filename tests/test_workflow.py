@@ -49,8 +49,8 @@ def test_default_study_is_config_yaml(workdir):
 
 
 def test_configfile_replaces_config_yaml(workdir, tmp_path_factory):
-    """DESIGN 3.3: nothing of config.yaml (its sizes, conditions, seeds) leaks into a study
-    given with --configfile, although Snakemake itself would merge the two."""
+    """docs/design.md, Studies: nothing of config.yaml (its sizes, conditions, seeds) leaks into a
+    study given with --configfile, although Snakemake itself would merge the two."""
     default = load_yaml(REPO / "config.yaml")
     other = copy.deepcopy(default)
     other["study"] = "other"

@@ -1,4 +1,5 @@
-"""`relora corpus | tokenizer | tokenize | probe | blimp | manifest`: the data stage (DESIGN 3.1, 4).
+"""`relora corpus | tokenizer | tokenize | probe | blimp | manifest`: the data stage
+(docs/design.md, Data).
 
 Each subcommand takes the study config and explicit paths, so each Snakemake rule is one line:
 

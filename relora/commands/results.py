@@ -1,4 +1,5 @@
-"""`relora aggregate`, `relora figures`, `relora report`: the results stage (DESIGN 3.1, 3.2)."""
+"""`relora aggregate`, `relora figures`, `relora report`: the results stage (docs/design.md,
+Tables)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,15 @@ from pathlib import Path
 def register(subparsers) -> None:
     p = subparsers.add_parser("aggregate", help="run directories -> study.duckdb (tables, views, statistics)")
     p.add_argument("--config", type=Path, default=None,
-                   help="study YAML (reference condition, confidence, BLiMP reference folder)")
+                   help="study YAML (reference condition, confidence, BLiMP reference)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a study key (repeatable)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--results", type=Path, help="results/<study> (its runs/size=*/condition=*/seed=*)")
     source.add_argument("--runs", type=Path, nargs="+", help="explicit run directories")
     p.add_argument("--blimp-reference", type=Path, default=None,
-                   help="folder of published BLiMP accuracies (overrides evaluation.blimp.reference)")
+                   help="published BLiMP accuracies: `published` (the package's table) or a folder of the "
+                        "authors' files (overrides evaluation.blimp.reference)")
     p.add_argument("--blimp-baselines", type=Path, default=None,
                    help="the data stage's blimp_unigram.parquet: the unigram frequency baseline per "
                         "paradigm (table blimp_baselines, metric blimp_balanced)")

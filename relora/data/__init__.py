@@ -1,5 +1,5 @@
-"""The data stage (DESIGN 3.1, 4): corpus -> tokenizer -> token shards, held-out domains, probe
-batch and BLiMP pairs, offline by default.
+"""The data stage (docs/design.md, Data and Files): corpus -> tokenizer -> token shards,
+held-out domains, probe batch and BLiMP pairs, offline by default.
 
 Other stages read the data directory through this API:
 

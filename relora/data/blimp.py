@@ -5,8 +5,7 @@
   frequent in the corpus's training split (offline; the default study);
 - `nyu-mll/blimp` or `hf:<dataset id>`: the Hugging Face dataset, one config per paradigm
   (for users with internet; needs the `datasets` package);
-- any other value: a local folder of `<UID>.jsonl` files in BLiMP's own format (e.g.
-  ../shared/data/blimp).
+- any other value: a local folder of `<UID>.jsonl` files in BLiMP's own format.
 
 Real pairs are subset to `pairs_per_paradigm` per paradigm by a seeded hash of the pair id (the
 same subset every time); the output is `<out>/<UID>.jsonl` in BLiMP's format plus a `source`

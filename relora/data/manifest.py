@@ -1,4 +1,4 @@
-"""Atomic writes and the data directory's manifest (DESIGN 3.1).
+"""Atomic writes and the data directory's manifest (docs/design.md, Files).
 
 Every file of the data stage is written to a temporary name beside its target and renamed, so a
 killed job never leaves a truncated file where a complete one is expected. Each stage records the

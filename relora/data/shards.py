@@ -1,4 +1,4 @@
-"""Token shards: train.npy, eval/<domain>.parquet and probe.npy (DESIGN 3.1).
+"""Token shards: train.npy, eval/<domain>.parquet and probe.npy (docs/design.md, Files).
 
 - `train.npy`: 1-D token ids (uint16 when the vocabulary fits, else uint32) of every training
   document, shuffled across domains with the split seed, each followed by EOS and the whole

@@ -29,7 +29,7 @@ class TokenizerError(ValueError):
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 when every id fits, else uint32 (DESIGN 3.1)."""
+    """uint16 when every id fits, else uint32."""
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 

@@ -19,14 +19,16 @@ sys.path.insert(0, workflow.basedir)
 RELORA_SOURCE = shlex.quote(workflow.basedir)
 shell.prefix("export PYTHONPATH={RELORA_SOURCE}${{PYTHONPATH:+:$PYTHONPATH}}; ")
 
-from relora.config import ConfigError, load_study, resolve_run, run_config_hash, runs
+from relora.config import (PUBLISHED_BLIMP_REFERENCE, ConfigError, load_study, resolve_run,
+                           run_config_hash, runs)
 
 
 # --- the study -------------------------------------------------------------------------------
 
-# DESIGN 3.3: a study given with --configfile REPLACES config.yaml. Snakemake deep-merges it into
-# the `configfile:` of the Snakefile (so config.yaml's sizes and conditions would leak into every
-# other study); keep only what the command line gave (its config files, then any --config).
+# docs/design.md, Studies: a study given with --configfile REPLACES config.yaml. Snakemake
+# deep-merges it into the `configfile:` of the Snakefile (so config.yaml's sizes and conditions
+# would leak into every other study); keep only what the command line gave (its config files, then
+# any --config).
 if workflow.overwrite_configfiles:
     config.clear()
     config.update(copy.deepcopy(dict(workflow.config_settings.overwrite_config)))
@@ -191,9 +193,10 @@ def get_run_dirs(wildcards, input):
 
 
 def get_blimp_reference(wildcards):
-    """The folder of published BLiMP accuracies for reference lines, if the study names one."""
+    """The folder of published BLiMP accuracies for reference lines, if the study names one (the
+    package's own table, `published`, is no input file)."""
     reference = STUDY["evaluation"].get("blimp", {}).get("reference")
-    return {"blimp_reference": reference} if reference else {}
+    return {"blimp_reference": reference} if reference not in (None, PUBLISHED_BLIMP_REFERENCE) else {}
 
 
 def trains_on_token_file():
@@ -295,8 +298,8 @@ def get_train_mem_mb(wildcards):
 
 
 def get_train_runtime(wildcards):
-    """Minutes for a train job: its model FLOPs (DESIGN 5) at the configured FLOP/s, doubled,
-    plus 10 minutes for start-up, checkpoints and a resume."""
+    """Minutes for a train job: its model FLOPs (docs/design.md, Model FLOPs) at the configured
+    FLOP/s, doubled, plus 10 minutes for start-up, checkpoints and a resume."""
     if SCHEDULE["runtime"]["train"] is not None:
         return within_limit(SCHEDULE["runtime"]["train"])
     from relora.model import ModelConfig, model_flops_per_token

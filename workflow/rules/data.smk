@@ -1,4 +1,4 @@
-# Data (DESIGN 3.1, 4): corpus -> tokenizer -> token shards and held-out domains, probe batch,
+# Data (docs/design.md): corpus -> tokenizer -> token shards and held-out domains, probe batch,
 # BLiMP pairs, all under results/<study>/data/.
 
 # Stages that download with the study's sources are local rules (common.smk: downloads).
