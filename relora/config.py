@@ -132,6 +132,26 @@ def yaml_load(text_or_file):
     return yaml.load(text_or_file, Loader=Loader)
 
 
+def typed_command_line_values(value):
+    """Values of Snakemake's `--config key=value` with every string leaf read as YAML.
+
+    Snakemake reads a top-level scalar as int, float or bool but a list or mapping with YAML's
+    BaseLoader, so `--config 'seeds=[0,1]'` arrives as ['0', '1'] and `training={steps: 10}` as
+    {'steps': '10'}. Here each string leaf is read as a YAML scalar (the YAML 1.2 numbers of
+    yaml_load), as it would be read from a study file; text that is not a scalar stays a string."""
+    if isinstance(value, dict):
+        return {key: typed_command_line_values(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [typed_command_line_values(item) for item in value]
+    if isinstance(value, str):
+        try:
+            parsed = yaml_load(value)
+        except Exception:  # not valid YAML on its own (e.g. a stray colon): the text itself
+            return value
+        return value if isinstance(parsed, (dict, list)) else parsed
+    return value
+
+
 def deep_merge(base: dict, override: dict) -> dict:
     """A copy of base with override's keys replaced, recursing into nested dicts."""
     merged = copy.deepcopy(base)

@@ -180,3 +180,15 @@ def test_shipped_studies_load(repo, name):
     s = load_study(repo / name)
     for size, condition, seed in runs(s):
         resolve_run(s, size, condition, seed)
+
+
+def test_command_line_values_are_read_as_a_study_file_would_be():
+    """Snakemake hands `--config 'seeds=[0,1]'` over as ['0', '1'] (YAML's BaseLoader)."""
+    from relora.config import typed_command_line_values
+
+    raw = {"seeds": ["0", "1"], "training": {"steps": "10", "lr": "1e-3", "clip": "null",
+                                             "schedule": {"name": "linear"}},
+           "study": "my-study", "flag": "true", "note": "a: b c", "already": 3}
+    assert typed_command_line_values(raw) == {
+        "seeds": [0, 1], "training": {"steps": 10, "lr": 1e-3, "clip": None, "schedule": {"name": "linear"}},
+        "study": "my-study", "flag": True, "note": "a: b c", "already": 3}

@@ -48,6 +48,21 @@ def test_default_study_is_config_yaml(workdir):
     assert f"results/{study['study']}/report.html" in output_of(result)
 
 
+@pytest.mark.parametrize("edit, expected_runs, key, value", [
+    ("seeds=[0,1]", 12, ("seeds",), [0, 1]),
+    ("training={steps: 120, lr: 1e-3}", 6, ("training", "lr"), 1e-3),
+])
+def test_config_edits_numbers_lists_and_nested_keys(workdir, edit, expected_runs, key, value):
+    """`--config` edits of numbers inside lists and mappings reach the study as numbers."""
+    result = snakemake(workdir, "--dry-run", "--config", edit)
+    assert result.returncode == 0, output_of(result)
+    assert job_counts(result)["train"] == expected_runs
+    study = load_yaml(workdir / "results" / "default" / "study.yaml")
+    for part in key:
+        study = study[part]
+    assert study == value
+
+
 def test_configfile_replaces_config_yaml(workdir, tmp_path_factory):
     """docs/design.md, Studies: nothing of config.yaml (its sizes, conditions, seeds) leaks into a
     study given with --configfile, although Snakemake itself would merge the two."""

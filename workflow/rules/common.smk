@@ -19,8 +19,8 @@ sys.path.insert(0, workflow.basedir)
 RELORA_SOURCE = shlex.quote(workflow.basedir)
 shell.prefix("export PYTHONPATH={RELORA_SOURCE}${{PYTHONPATH:+:$PYTHONPATH}}; ")
 
-from relora.config import (PUBLISHED_BLIMP_REFERENCE, ConfigError, load_study, resolve_run,
-                           run_config_hash, runs)
+from relora.config import (PUBLISHED_BLIMP_REFERENCE, ConfigError, deep_merge, load_study, resolve_run,
+                           run_config_hash, runs, typed_command_line_values)
 
 
 # --- the study -------------------------------------------------------------------------------
@@ -37,6 +37,9 @@ else:
     CONFIG_SOURCE = "config.yaml"
 if workflow.config_settings.config:
     CONFIG_SOURCE += " with --config"
+    # Snakemake leaves the numbers inside a --config list or mapping as strings: read them as a
+    # study file would, so that `--config 'seeds=[0,1]'` or `--config 'training={steps: 10}'` work
+    config.update(deep_merge(config, typed_command_line_values(dict(workflow.config_settings.config))))
 
 try:
     STUDY = load_study(config, source=CONFIG_SOURCE)
