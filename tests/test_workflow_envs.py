@@ -70,3 +70,19 @@ def test_every_rule_names_an_existing_env():
     assert named, "no rule has a conda environment"
     for env in named:
         assert (REPO / "workflow/rules" / env).resolve().is_file(), env
+
+
+def test_base_install_can_build_the_snakemake_report():
+    """`snakemake --report` needs Snakemake's `reports` extra (pygments); the README's install
+    (`pip install -e .`) must bring it, not only the test extra."""
+    from importlib.metadata import requires
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    base = project["dependencies"]
+    if any(re.match(r"^snakemake\[[^\]]*\breports\b", d.replace(" ", "")) for d in base):
+        return
+    extra = [r.split(";")[0].strip() for r in requires("snakemake") or [] if 'extra == "reports"' in r]
+    assert extra, "snakemake declares no reports extra"
+    names = set(requirements(base))
+    missing = [r for r in requirements(extra) if r not in names]
+    assert not missing, f"the base install lacks Snakemake's report dependencies {missing}"
