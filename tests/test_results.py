@@ -394,3 +394,16 @@ def test_blimp_statistics_on_a_hand_computed_case(tmp_path):
                              "pairs": [1, 1]}), tmp_path / "dup.parquet")
     with pytest.raises(results.ResultsError, match="appears twice"):
         aggregate(tmp_path, None, tmp_path / "y.duckdb", blimp_baselines=tmp_path / "dup.parquet")
+
+
+def test_relora_sql_queries_the_database_read_only(db, study_dir, capsys):
+    """`relora sql` answers with the install's DuckDB (no CLI needed) and cannot change the file."""
+    from relora.cli import main
+
+    path = study_dir[0] / "study.duckdb"
+    expected = rows(db, "SELECT count(*) AS n FROM gap WHERE metric = 'bpb'")[0]["n"]
+    assert main(["sql", str(path), "SELECT count(*) AS n FROM gap WHERE metric = 'bpb'", "--csv"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["n", str(expected)]
+    assert main(["sql", str(path), "DROP VIEW gap"]) == 2
+    assert "read-only" in capsys.readouterr().err
+    assert rows(db, "SELECT count(*) AS n FROM gap")[0]["n"] > 0

@@ -1,5 +1,5 @@
 """`relora aggregate`, `relora figures`, `relora report`: the results stage (docs/design.md,
-Tables)."""
+Tables); `relora sql`: query a study database without a DuckDB command-line client."""
 
 from __future__ import annotations
 
@@ -40,6 +40,15 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(handler=run_report)
 
+    p = subparsers.add_parser("sql", help="run one read-only query on a study database and print the result",
+                              description="Query results/<study>/study.duckdb with the DuckDB of this install "
+                                          "(which reads the storage version it wrote), read-only.")
+    p.add_argument("db", type=Path, help="the study database, e.g. results/default/study.duckdb")
+    p.add_argument("query", help="one SQL query, e.g. \"SELECT * FROM gap\"")
+    p.add_argument("--csv", action="store_true", help="print CSV instead of a table")
+    p.add_argument("--max-rows", type=int, default=200, help="rows shown in the table (default 200)")
+    p.set_defaults(handler=run_sql)
+
 
 def run_aggregate(args) -> int:
     import time
@@ -75,4 +84,28 @@ def run_report(args) -> int:
 
     out = write_report(args.db, args.figures, args.config, args.manifest, args.out, args.title)
     print(f"relora report: wrote {out}")
+    return 0
+
+
+def run_sql(args) -> int:
+    import csv
+    import sys
+
+    import duckdb
+
+    if not args.db.is_file():
+        raise ValueError(f"{args.db}: no such study database")
+    with duckdb.connect(str(args.db), read_only=True) as con:
+        try:
+            relation = con.sql(args.query)
+        except duckdb.Error as e:
+            raise ValueError(f"{args.db}: {e}") from None
+        if relation is None:  # a statement without a result (the database is read-only anyway)
+            return 0
+        if args.csv:
+            writer = csv.writer(sys.stdout)
+            writer.writerow(relation.columns)
+            writer.writerows(relation.fetchall())
+        else:
+            relation.show(max_rows=args.max_rows, max_width=10_000)
     return 0
