@@ -189,7 +189,7 @@ def iter_hf(spec: dict, what: str, extra: tuple[str, ...] = ()) -> Iterator[tupl
         import datasets
     except ImportError:
         raise CorpusError(f"{what}: reading the Hugging Face dataset '{path}' needs the "
-                          "`datasets` package (pip install datasets) and internet access; "
+                          "`datasets` package (pip install 'relora-study[hub]', or datasets) and internet access; "
                           "or point `path` at local .parquet/.jsonl files") from None
     stream = datasets.load_dataset(path, spec.get("name"), split=spec.get("split", "train"),
                                    streaming=True)
