@@ -19,6 +19,17 @@ def repo():
 
 
 @pytest.fixture
+def data_dir(tmp_path):
+    """A data folder holding only train.npy: 4000 random token ids below 100."""
+    import numpy as np
+
+    path = tmp_path / "data"
+    path.mkdir()
+    np.save(path / "train.npy", np.random.default_rng(0).integers(0, 100, 4000).astype(np.uint16))
+    return path
+
+
+@pytest.fixture
 def blimp_dir():
     """The published BLiMP folder named by RELORA_BLIMP_DIR; the test skips without it."""
     if not BLIMP_DIR:

@@ -44,14 +44,6 @@ def resolved(condition="full", study=None, **training):
 
 
 @pytest.fixture
-def data_dir(tmp_path):
-    path = tmp_path / "data"
-    path.mkdir()
-    np.save(path / "train.npy", np.random.default_rng(0).integers(0, 100, 4000).astype(np.uint16))
-    return path
-
-
-@pytest.fixture
 def foreign(tmp_path):
     """A folder of the user's that no command created."""
     folder = tmp_path / "mine"

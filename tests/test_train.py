@@ -40,14 +40,6 @@ STUDY = {
 }
 
 
-@pytest.fixture
-def data_dir(tmp_path):
-    path = tmp_path / "data"
-    path.mkdir()
-    np.save(path / "train.npy", np.random.default_rng(0).integers(0, 100, 4000).astype(np.uint16))
-    return path
-
-
 def resolved(condition="full", seed=0, **training):
     study = {**STUDY, "training": {**STUDY["training"], **training}}
     return resolve_run(load_study(study), "tiny", condition, seed)
