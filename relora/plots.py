@@ -18,6 +18,8 @@ import json
 import math
 from pathlib import Path
 
+from .data.unigram import BALANCED_RANGE
+
 PALETTE = ["#4c78a8", "#f58518", "#e45756", "#72b7b2", "#54a24b", "#eeca3b", "#b279a2",
            "#ff9da6", "#9d755d", "#bab0ac"]
 REFERENCE_COLOR = "#333333"
@@ -62,7 +64,8 @@ class Context:
         self.params = {r["size"]: r["p"] for r in self.rows(
             "SELECT size, min(params_total) AS p FROM runs GROUP BY size")}
         # the paradigms a context-free unigram scorer neither solves nor anti-solves
-        self.balanced_range = (study.get("blimp_balanced_low", 0.35), study.get("blimp_balanced_high", 0.65))
+        self.balanced_range = (study.get("blimp_balanced_low", BALANCED_RANGE[0]),
+                               study.get("blimp_balanced_high", BALANCED_RANGE[1]))
         self.has_baselines = _has(con, "blimp_baselines") and bool(self.one(
             "SELECT count(*) AS n FROM blimp_baselines WHERE baseline = 'unigram'").get("n"))
 

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .io import atomic_write_text
+from .data.unigram import BALANCED_RANGE
 from .plots import DEFAULT_HEADLINE, METRIC_LABELS
 
 # in every report's <head>: what lets a later `relora report` know the file at --out is its own
@@ -181,8 +182,10 @@ def _blimp_baselines_section(con) -> str:
                        "'blimp_baselines'").fetchall()[0][0]:
         return ""
     study = _rows(con, "SELECT * FROM study")
-    low = study[0].get("blimp_balanced_low", 0.35) if study else 0.35
-    high = study[0].get("blimp_balanced_high", 0.65) if study else 0.65
+    low, high = BALANCED_RANGE
+    if study:
+        low = study[0].get("blimp_balanced_low", low)
+        high = study[0].get("blimp_balanced_high", high)
     base = _rows(con, "SELECT * FROM blimp_baselines WHERE baseline = 'unigram' ORDER BY accuracy, uid")
     if not base:
         return ""

@@ -86,6 +86,8 @@ import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .data.unigram import BALANCED_RANGE
+
 RUN_FILES = ("train_metrics", "dynamics", "perplexity", "blimp")
 KEY_TYPES = {"size": "VARCHAR", "condition": "VARCHAR", "seed": "INTEGER"}
 # docs/design.md, Tables: the contract's columns (beyond the run keys) and their stored types
@@ -419,7 +421,7 @@ def _load_baselines(con, path) -> None:
 # the `final` view
 
 
-def final_view_sql(loss_window: int, balanced_range: tuple[float, float] = (0.35, 0.65)) -> str:
+def final_view_sql(loss_window: int, balanced_range: tuple[float, float] = BALANCED_RANGE) -> str:
     """SQL of the `final` view: every run's last step of each table, one row per run and metric."""
     return f"""
 CREATE VIEW final AS
@@ -560,7 +562,7 @@ def _insert(con, table: str, columns: dict, rows: list[dict]) -> None:
 
 
 def _statistics(con, reference: str, confidence: float,
-                balanced_range: tuple[float, float] = (0.35, 0.65)) -> None:
+                balanced_range: tuple[float, float] = BALANCED_RANGE) -> None:
     final = con.execute("SELECT size, condition, seed, step, metric, value, family, better "
                         "FROM final").fetchall()
     groups: dict[tuple, dict[int, tuple]] = {}
@@ -620,7 +622,7 @@ def _statistics(con, reference: str, confidence: float,
 
 
 def _blimp_tests(con, reference: str, confidence: float = 0.95,
-                 balanced_range: tuple[float, float] = (0.35, 0.65)) -> list[dict]:
+                 balanced_range: tuple[float, float] = BALANCED_RANGE) -> list[dict]:
     """Tests of each condition vs the reference on the BLiMP paradigms of every run's last
     evaluated step, for `blimp` (every paradigm), `blimp_balanced` (the paradigms whose unigram
     baseline accuracy lies in `balanced_range`) and each `blimp/<phenomenon>`; per seed, and
@@ -732,7 +734,7 @@ def study_settings(study: dict | None) -> dict:
 
 def _balanced_range(value) -> tuple[float, float]:
     if value is None:
-        return 0.35, 0.65
+        return BALANCED_RANGE
     try:
         low, high = (float(v) for v in value)
     except (TypeError, ValueError):
