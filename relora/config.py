@@ -269,6 +269,11 @@ def check_semantics(study: dict, source: str) -> None:
         if training["batch_size"] % training["grad_accum"]:
             raise ConfigError(f"{key}: training.batch_size {training['batch_size']} is not divisible "
                               f"by grad_accum {training['grad_accum']}")
+        processes = ((study.get("workflow") or {}).get("gpus") or {}).get("train") or 1
+        if training["batch_size"] % (training["grad_accum"] * processes):
+            raise ConfigError(f"{key}: training.batch_size {training['batch_size']} is not divisible by "
+                              f"grad_accum {training['grad_accum']} x workflow.gpus.train {processes} "
+                              "(one process per GPU)")
         schedule = training["schedule"]
         if schedule["name"] != "constant" and schedule["warmup"] > schedule["horizon"]:
             raise ConfigError(f"{key}: training.schedule.warmup {schedule['warmup']} is longer than the "

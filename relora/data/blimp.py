@@ -79,16 +79,21 @@ def load_local(folder: str | os.PathLike, paradigms: list[str] | None = None) ->
     return {p.name.removesuffix(".jsonl"): load_paradigm_file(p) for p in paths}
 
 
-def load_hf(dataset: str = HF_DATASET, paradigms: list[str] | None = None,
-            revision: str | None = None) -> dict[str, list[dict]]:
-    """BLiMP from the Hugging Face hub at a commit (`revision`, resolved by the caller): one
-    config per paradigm, split `train`."""
+def require_datasets(dataset: str):
     try:
         import datasets
     except ImportError:
         raise BlimpError(f"evaluation.blimp.source: the Hugging Face dataset '{dataset}' needs the "
                          "`datasets` package and internet access; or point source at a local folder "
                          "or use 'generated'") from None
+    return datasets
+
+
+def load_hf(dataset: str = HF_DATASET, paradigms: list[str] | None = None,
+            revision: str | None = None) -> dict[str, list[dict]]:
+    """BLiMP from the Hugging Face hub at a commit (`revision`, resolved by the caller): one
+    config per paradigm, split `train`."""
+    datasets = require_datasets(dataset)
     names = paradigms or datasets.get_dataset_config_names(dataset, revision=revision)
     out = {}
     for uid in names:
@@ -180,6 +185,7 @@ def build_blimp(study: dict, out: str | os.PathLike, corpus_dir: str | os.PathLi
         from .hub import source_revision
 
         dataset = source.removeprefix("hf:")
+        require_datasets(dataset)  # before the revision is resolved: say what is missing first
         info.update(source_revision(dataset, spec.get("revision"), local=False))
         paradigms = {uid: subset(p, n, seed)
                      for uid, p in load_hf(dataset, spec["paradigms"], info["resolved_revision"]).items()}

@@ -185,12 +185,7 @@ def iter_hf(spec: dict, what: str, extra: tuple[str, ...] = ()) -> Iterator[tupl
     if os.path.exists(os.path.expanduser(path)) or any(c in path for c in "*?["):
         yield from iter_files([path], field, what, extra)
         return
-    try:
-        import datasets
-    except ImportError:
-        raise CorpusError(f"{what}: reading the Hugging Face dataset '{path}' needs the "
-                          "`datasets` package (pip install 'relora-study[hub]', or datasets) and internet access; "
-                          "or point `path` at local .parquet/.jsonl files") from None
+    datasets = require_datasets(path, what)
     # the commit the data stage resolved (hub.source_revision), else the configured revision
     revision = spec.get("resolved_revision") or spec.get("revision")
     stream = datasets.load_dataset(path, spec.get("name"), split=spec.get("split", "train"),
@@ -201,6 +196,17 @@ def iter_hf(spec: dict, what: str, extra: tuple[str, ...] = ()) -> Iterator[tupl
         if i == 0:
             check_fields(row, expected, f"{what}: dataset '{path}'@{revision or 'default branch'}")
         yield source, str(i), ({k: row[k] for k in expected} if extra else row[field])
+
+
+def require_datasets(path: str, what: str):
+    """The `datasets` package, or an error naming the source that needs it."""
+    try:
+        import datasets
+    except ImportError:
+        raise CorpusError(f"{what}: reading the Hugging Face dataset '{path}' needs the "
+                          "`datasets` package (pip install 'relora-study[hub]', or datasets) and internet access; "
+                          "or point `path` at local .parquet/.jsonl files") from None
+    return datasets
 
 
 def check_fields(row: dict, expected: tuple[str, ...], where: str) -> None:
@@ -253,8 +259,11 @@ def domain_records(corpus: dict, cache: str | None = None) -> tuple[dict, dict]:
                 iterators[domain] = iter(())
                 provenance[domain] = resolve_stream(spec, f"data.corpus.hf[{i}]")
                 continue
+            local = is_local(spec["path"])
+            if not local:  # before the revision is resolved: say what is missing first
+                require_datasets(spec["path"], f"data.corpus.hf[{i}]")
             provenance[domain] = {**spec, "source": "hf",
-                                  **hub.source_revision(spec["path"], spec.get("revision"), is_local(spec["path"]))}
+                                  **hub.source_revision(spec["path"], spec.get("revision"), local)}
             iterators[domain] = iter_hf(provenance[domain], f"data.corpus.hf[{i}]")
     else:
         raise CorpusError(f"data.corpus.source: unknown source '{source}'")

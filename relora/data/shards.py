@@ -85,12 +85,15 @@ def _eval_docs_hf(data: dict, sources: list) -> dict[str, list[dict]]:
     """Held-out documents by domain from Paloma-style datasets (`data.eval.hf`); where each was
     read (hub.source_revision) is appended to `sources`."""
     from . import hub
-    from .corpus import iter_hf
+    from .corpus import iter_hf, require_datasets
     from .stream import is_local
 
     by_domain: dict[str, list[dict]] = {}
     for i, spec in enumerate(data["eval"]["hf"] or []):
-        spec = {**spec, **hub.source_revision(spec["path"], spec.get("revision"), is_local(spec["path"]))}
+        local = is_local(spec["path"])
+        if not local:  # before the revision is resolved: say what is missing first
+            require_datasets(spec["path"], f"data.eval.hf[{i}]")
+        spec = {**spec, **hub.source_revision(spec["path"], spec.get("revision"), local)}
         sources.append(spec)
         field = spec.get("tokens_field") or spec.get("text_field") or "text"
         kind = "tokens" if spec.get("tokens_field") else "text"
