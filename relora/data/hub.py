@@ -49,13 +49,11 @@ def resolve_revision(repo: str, revision: str | None) -> str:
 def list_files(repo: str, commit: str) -> list[dict]:
     """[{"file": path in the repository, "bytes", "sha256" (the LFS object's, or None)}] at a commit."""
     files = []
-    for entry in _api().list_repo_tree(repo, repo_type="dataset", revision=commit, recursive=True,
-                                       expand=True):
+    for entry in _api().list_repo_tree(repo, repo_type="dataset", revision=commit, recursive=True):
         if not hasattr(entry, "size"):  # a folder
             continue
-        lfs = getattr(entry, "lfs", None)
-        sha256 = (lfs.get("sha256") if isinstance(lfs, dict) else getattr(lfs, "sha256", None)) if lfs else None
-        files.append({"file": entry.path, "bytes": entry.size, "sha256": sha256})
+        lfs = getattr(entry, "lfs", None)  # a dict with the object's sha256 for LFS files
+        files.append({"file": entry.path, "bytes": entry.size, "sha256": lfs.get("sha256") if lfs else None})
     return files
 
 

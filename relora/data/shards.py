@@ -81,9 +81,10 @@ def _doc_tokens(tokenizer, docs: list[dict], vocab_size: int, where: str) -> lis
     return out
 
 
-def _eval_docs_hf(data: dict, sources: list) -> dict[str, list[dict]]:
+def _eval_docs_hf(data: dict, sources: list | None = None) -> dict[str, list[dict]]:
     """Held-out documents by domain from Paloma-style datasets (`data.eval.hf`); where each was
     read (hub.source_revision) is appended to `sources`."""
+    sources = [] if sources is None else sources
     from . import hub
     from .corpus import iter_hf, require_datasets
     from .stream import is_local
