@@ -252,6 +252,11 @@ def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
 
 def check_semantics(study: dict, source: str) -> None:
     """Checks the schema cannot express; each error names the key."""
+    blimp = (study.get("evaluation") or {}).get("blimp") or {}
+    blimp_source = blimp.get("source", "generated")
+    if blimp.get("revision") is not None and not (blimp_source == "nyu-mll/blimp" or blimp_source.startswith("hf:")):
+        raise ConfigError(f"{source}: evaluation.blimp.revision: '{blimp['revision']}' is for a hub source "
+                          f"(nyu-mll/blimp or hf:<dataset id>); the source is '{blimp_source}'")
     for name in study["sizes"]:
         try:
             model_config(study, name)
@@ -264,6 +269,11 @@ def check_semantics(study: dict, source: str) -> None:
         if training["batch_size"] % training["grad_accum"]:
             raise ConfigError(f"{key}: training.batch_size {training['batch_size']} is not divisible "
                               f"by grad_accum {training['grad_accum']}")
+        processes = ((study.get("workflow") or {}).get("gpus") or {}).get("train") or 1
+        if training["batch_size"] % (training["grad_accum"] * processes):
+            raise ConfigError(f"{key}: training.batch_size {training['batch_size']} is not divisible by "
+                              f"grad_accum {training['grad_accum']} x workflow.gpus.train {processes} "
+                              "(one process per GPU)")
         schedule = training["schedule"]
         if schedule["name"] != "constant" and schedule["warmup"] > schedule["horizon"]:
             raise ConfigError(f"{key}: training.schedule.warmup {schedule['warmup']} is longer than the "

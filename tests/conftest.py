@@ -83,3 +83,17 @@ def default_corpus_data(tmp_path_factory):
     build_tokenizer(study["data"], data / "corpus", data / "tokenizer.json", threads=2, log=quiet)
     build_shards(study["data"], data / "corpus", data / "tokenizer.json", data, threads=2, log=quiet)
     return SimpleNamespace(study=study, data=data)
+
+
+@pytest.fixture(autouse=True)
+def _never_the_hub(monkeypatch):
+    """No test reaches the Hugging Face hub (this machine cannot, and tests must not depend on
+    it): a call into relora.data.hub fails naming the call. Tests of the hub path replace
+    these functions with a local fake (tests/test_data_stream.py)."""
+    from relora.data import hub
+
+    def unreachable(*args, **kwargs):
+        raise AssertionError(f"a test tried to reach the Hugging Face hub {args}")
+
+    for name in ("resolve_revision", "list_files", "open_file"):
+        monkeypatch.setattr(hub, name, unreachable)

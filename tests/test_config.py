@@ -156,6 +156,12 @@ def test_set_overrides_and_file_loading(tmp_path):
     ({"conditions__relora__training": {"lr": -1}}, r"conditions.relora.training: lr: -1 is less than or equal"),
     ({"sizes__tiny__n_heads": 5}, r"sizes.tiny: d_model 24 is not divisible by n_heads 5"),
     ({"training__batch_size": 3, "training__grad_accum": 2}, r"batch_size 3 is not divisible by grad_accum 2"),
+    ({"training__batch_size": 6, "training__grad_accum": 2, "workflow": {"gpus": {"train": 2}}},
+     r"batch_size 6 is not divisible by grad_accum 2 x workflow.gpus.train 2 \(one process per GPU\)"),
+    ({"evaluation__blimp": {"source": "generated", "revision": "main"}},
+     r"evaluation.blimp.revision: 'main' is for a hub source \(nyu-mll/blimp or hf:<dataset id>\); the source is 'generated'"),
+    ({"data__corpus": {"source": "hf", "hf": [{"path": "org/d", "revision": 3}]}},
+     r"data.corpus.hf.0.revision: 3 is not of type 'string', 'null'"),
 ])
 def test_bad_configs_name_the_key(changes, message):
     with pytest.raises(ConfigError, match=message):

@@ -316,22 +316,19 @@ def test_a_template_frequency_always_decides_is_reported_unbalanced():
 def test_unigram_baseline_of_a_streamed_study(tmp_path, monkeypatch):
     """Counts from the first `unigram_rows` rows of the training stream; N and the source in
     the stage record and the manifest."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from relora.data import corpus
     from relora.data.manifest import read_manifest, write_stage
+    from relora.data.stream import resolve_stream
 
     data = tmp_path / "data"
     vocab, encode = toy_tokenizer()
-    write_stage(data, "tokenize", [], {"train": {"kind": "stream", "datasets": [{"path": "org/rows"}]}})
     rows = [[1, 2, 3]] * 5 + [[99]] * 1000  # an id outside the vocabulary past row 5: never read
-
-    def fake_iter_hf(spec, what, extra=()):
-        assert spec["path"] == "org/rows"
-        for n, row in enumerate(rows):
-            yield str(n), spec["path"], row
-
-    monkeypatch.setattr(corpus, "iter_hf", fake_iter_hf)
+    (tmp_path / "rows").mkdir()
+    pq.write_table(pa.table({"input_ids": rows}), tmp_path / "rows" / "train-0.parquet")
+    stream = resolve_stream({"path": str(tmp_path / "rows"), "tokens_field": "input_ids"}, "test")
+    write_stage(data, "tokenize", [], {"train": {"kind": "stream", "datasets": [stream]}})
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(
@@ -345,7 +342,7 @@ def test_unigram_baseline_of_a_streamed_study(tmp_path, monkeypatch):
     info = build_blimp(study(str(folder), unigram_rows=5), data / "blimp", tokenizer=tmp_path / "tokenizer.json",
                        log=quiet)
     assert info["unigram"]["counts_from"] == "stream" and info["unigram"]["rows"] == 5
-    assert info["unigram"]["tokens"] == 15 and info["unigram"]["datasets"] == ["org/rows"]
+    assert info["unigram"]["tokens"] == 15 and info["unigram"]["datasets"] == [str(tmp_path / "rows")]
     assert read_manifest(data)["stages"]["blimp"]["unigram"]["rows"] == 5
     assert "blimp_unigram.parquet" in read_manifest(data)["files"]
     table = pq.read_table(data / "blimp_unigram.parquet").to_pylist()

@@ -126,3 +126,32 @@ def test_train_resources_follow_the_study(workdir):
                               for b in blocks), rule
     default = snakemake(workdir, "--dry-run")
     assert all("gpu=0" in b for b in output_of(default).split("\n\n") if "rule train:" in b)
+
+
+def test_a_train_job_on_several_gpus_runs_torchrun(workdir, tmp_path):
+    """workflow.gpus.train: 4 asks for 4 GPUs and starts one process per GPU with torchrun,
+    the job's threads shared among them; the runtime estimate is a quarter of one GPU's (plus
+    the fixed 10 minutes)."""
+    import re
+
+    import yaml
+
+    study = yaml.safe_load((REPO / "workflow/studies/paper.yaml").read_text())
+    blocks = {}
+    for gpus in (1, 4):
+        study["workflow"]["gpus"]["train"] = gpus
+        study["workflow"]["runtime_limit"] = None
+        path = tmp_path / f"paper-{gpus}.yaml"
+        path.write_text(yaml.safe_dump(study))
+        result = snakemake(workdir, "--dry-run", "--cores", "8", "--printshellcmds", "--configfile", str(path))
+        assert result.returncode == 0, output_of(result)
+        blocks[gpus] = [b for b in output_of(result).split("\n\n") if "rule train:" in b]
+    assert blocks[4] and all("gpu=4" in b and "--threads 2 " in b and
+                             "python -m torch.distributed.run --standalone --nproc_per_node 4 -m relora train " in b
+                             for b in blocks[4])
+    assert all("torch.distributed.run" not in b and "python -m relora train " in b for b in blocks[1])
+    runtimes = {gpus: {re.search(r"wildcards: (.*)", b)[1]: int(re.search(r"runtime=(\d+)", b)[1]) for b in found}
+                for gpus, found in blocks.items()}
+    assert runtimes[1].keys() == runtimes[4].keys()
+    for run, minutes in runtimes[1].items():
+        assert runtimes[4][run] - 10 == pytest.approx((minutes - 10) / 4, abs=1)

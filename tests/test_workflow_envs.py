@@ -1,4 +1,5 @@
-"""envs/*.yaml (for --software-deployment-method conda) mirror pyproject.toml's dependencies."""
+"""envs/*.yaml (for --software-deployment-method conda) pin pyproject.toml's dependencies: one
+exact version per package (the one CI installs with pip), within pyproject.toml's range."""
 
 import re
 
@@ -42,11 +43,24 @@ ENVS = sorted((REPO / "envs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", ENVS, ids=lambda p: p.name)
-def test_env_pins_what_pyproject_pins(path):
+def test_env_pins_a_version_within_pyprojects_range(path):
+    from packaging.specifiers import SpecifierSet
+
     wanted = pyproject_dependencies()
     for name, spec in env_dependencies(path).items():
         assert name in wanted, f"{path.name}: {name} is not a dependency in pyproject.toml"
-        assert spec == wanted[name], f"{path.name}: {name}{spec}, pyproject.toml says {wanted[name]}"
+        assert re.fullmatch(r"==[0-9][0-9A-Za-z.]*", spec), f"{path.name}: {name}{spec} is not an exact pin"
+        version = spec.removeprefix("==")
+        assert version in SpecifierSet(wanted[name]), \
+            f"{path.name}: {name}{spec} is outside pyproject.toml's {name}{wanted[name]}"
+
+
+def test_a_package_has_one_pin_across_envs():
+    pins: dict[str, set] = {}
+    for path in ENVS:
+        for name, spec in env_dependencies(path).items():
+            pins.setdefault(name, set()).add(spec)
+    assert {n: v for n, v in pins.items() if len(v) > 1} == {}
 
 
 def test_envs_cover_every_dependency():

@@ -79,25 +79,30 @@ def load_local(folder: str | os.PathLike, paradigms: list[str] | None = None) ->
     return {p.name.removesuffix(".jsonl"): load_paradigm_file(p) for p in paths}
 
 
-def load_hf(dataset: str = HF_DATASET, paradigms: list[str] | None = None) -> dict[str, list[dict]]:
-    """BLiMP from the Hugging Face hub: one config per paradigm, split `train`."""
+def require_datasets(dataset: str):
     try:
         import datasets
     except ImportError:
         raise BlimpError(f"evaluation.blimp.source: the Hugging Face dataset '{dataset}' needs the "
                          "`datasets` package and internet access; or point source at a local folder "
                          "or use 'generated'") from None
-    names = paradigms or datasets.get_dataset_config_names(dataset)
+    return datasets
+
+
+def load_hf(dataset: str = HF_DATASET, paradigms: list[str] | None = None,
+            revision: str | None = None) -> dict[str, list[dict]]:
+    """BLiMP from the Hugging Face hub at a commit (`revision`, resolved by the caller): one
+    config per paradigm, split `train`."""
+    datasets = require_datasets(dataset)
+    names = paradigms or datasets.get_dataset_config_names(dataset, revision=revision)
     out = {}
     for uid in names:
-        rows = datasets.load_dataset(dataset, uid, split="train")
-        pairs = []
-        for i, row in enumerate(rows):
-            missing = [k for k in REQUIRED if k not in row]
-            if missing:
-                raise BlimpError(f"{dataset}/{uid} row {i}: missing field(s) {', '.join(missing)}")
-            pairs.append({**row, "pairID": str(row["pairID"])})
-        out[uid] = pairs
+        rows = datasets.load_dataset(dataset, uid, split="train", revision=revision)
+        missing = [k for k in REQUIRED if k not in rows.column_names]
+        if missing:
+            raise BlimpError(f"{dataset}@{revision}/{uid}: expected columns {', '.join(REQUIRED)}, found "
+                             f"columns: {', '.join(rows.column_names)} (missing: {', '.join(missing)})")
+        out[uid] = [{**row, "pairID": str(row["pairID"])} for row in rows]
     return out
 
 
@@ -177,8 +182,13 @@ def build_blimp(study: dict, out: str | os.PathLike, corpus_dir: str | os.PathLi
         paradigms = {uid: subset(p, n, seed) for uid, p in load_local(folder, spec["paradigms"]).items()}
         label = f"local:{folder.resolve()}"
     else:
+        from .hub import source_revision
+
         dataset = source.removeprefix("hf:")
-        paradigms = {uid: subset(p, n, seed) for uid, p in load_hf(dataset, spec["paradigms"]).items()}
+        require_datasets(dataset)  # before the revision is resolved: say what is missing first
+        info.update(source_revision(dataset, spec.get("revision"), local=False))
+        paradigms = {uid: subset(p, n, seed)
+                     for uid, p in load_hf(dataset, spec["paradigms"], info["resolved_revision"]).items()}
         label = f"hf:{dataset}"
     written = []
     for uid in paradigms:  # UIDs can come from dataset rows: each must be one file name

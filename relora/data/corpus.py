@@ -185,21 +185,36 @@ def iter_hf(spec: dict, what: str, extra: tuple[str, ...] = ()) -> Iterator[tupl
     if os.path.exists(os.path.expanduser(path)) or any(c in path for c in "*?["):
         yield from iter_files([path], field, what, extra)
         return
+    datasets = require_datasets(path, what)
+    # the commit the data stage resolved (hub.source_revision), else the configured revision
+    revision = spec.get("resolved_revision") or spec.get("revision")
+    stream = datasets.load_dataset(path, spec.get("name"), split=spec.get("split", "train"),
+                                   streaming=True, revision=revision)
+    source = path if not spec.get("name") else f"{path}/{spec['name']}"
+    expected = (field, *extra)
+    for i, row in enumerate(stream):
+        if i == 0:
+            check_fields(row, expected, f"{what}: dataset '{path}'@{revision or 'default branch'}")
+        yield source, str(i), ({k: row[k] for k in expected} if extra else row[field])
+
+
+def require_datasets(path: str, what: str):
+    """The `datasets` package, or an error naming the source that needs it."""
     try:
         import datasets
     except ImportError:
         raise CorpusError(f"{what}: reading the Hugging Face dataset '{path}' needs the "
                           "`datasets` package (pip install 'relora-study[hub]', or datasets) and internet access; "
                           "or point `path` at local .parquet/.jsonl files") from None
-    stream = datasets.load_dataset(path, spec.get("name"), split=spec.get("split", "train"),
-                                   streaming=True)
-    source = path if not spec.get("name") else f"{path}/{spec['name']}"
-    for i, row in enumerate(stream):
-        missing = [k for k in (field, *extra) if k not in row]
-        if missing:
-            raise CorpusError(f"{what}: dataset '{path}' has no field '{missing[0]}' "
-                              f"(fields: {', '.join(row)})")
-        yield source, str(i), ({k: row[k] for k in (field, *extra)} if extra else row[field])
+    return datasets
+
+
+def check_fields(row: dict, expected: tuple[str, ...], where: str) -> None:
+    """Raise naming the expected and the found columns when a dataset's row lacks one."""
+    missing = [k for k in expected if k not in row]
+    if missing:
+        raise CorpusError(f"{where}: expected column(s) {', '.join(map(repr, expected))}, found columns: "
+                          f"{', '.join(row) or 'none'} (missing: {', '.join(missing)})")
 
 
 # --- the stage ----------------------------------------------------------------------------
@@ -234,10 +249,22 @@ def domain_records(corpus: dict, cache: str | None = None) -> tuple[dict, dict]:
         specs = corpus.get("hf") or []
         if not specs:
             raise CorpusError("data.corpus.hf: source 'hf' needs a list of datasets")
+        from . import hub
+        from .stream import is_local, resolve_stream
+
         for i, spec in enumerate(specs):
             domain = spec.get("domain") or spec["path"].rstrip("/").split("/")[-1]
-            iterators[domain] = iter_hf(spec, f"data.corpus.hf[{i}]")
-            provenance[domain] = {"source": "hf", **spec}
+            if spec.get("stream") and spec.get("tokens_field"):
+                # paper scale: the trainer streams the rows; their shards are listed here once
+                iterators[domain] = iter(())
+                provenance[domain] = resolve_stream(spec, f"data.corpus.hf[{i}]")
+                continue
+            local = is_local(spec["path"])
+            if not local:  # before the revision is resolved: say what is missing first
+                require_datasets(spec["path"], f"data.corpus.hf[{i}]")
+            provenance[domain] = {**spec, "source": "hf",
+                                  **hub.source_revision(spec["path"], spec.get("revision"), local)}
+            iterators[domain] = iter_hf(provenance[domain], f"data.corpus.hf[{i}]")
     else:
         raise CorpusError(f"data.corpus.source: unknown source '{source}'")
     for domain in iterators:  # each names the files train/<domain>.jsonl and heldout/<domain>.jsonl

@@ -81,12 +81,21 @@ def _doc_tokens(tokenizer, docs: list[dict], vocab_size: int, where: str) -> lis
     return out
 
 
-def _eval_docs_hf(data: dict) -> dict[str, list[dict]]:
-    """Held-out documents by domain from Paloma-style datasets (`data.eval.hf`)."""
-    from .corpus import iter_hf
+def _eval_docs_hf(data: dict, sources: list | None = None) -> dict[str, list[dict]]:
+    """Held-out documents by domain from Paloma-style datasets (`data.eval.hf`); where each was
+    read (hub.source_revision) is appended to `sources`."""
+    sources = [] if sources is None else sources
+    from . import hub
+    from .corpus import iter_hf, require_datasets
+    from .stream import is_local
 
     by_domain: dict[str, list[dict]] = {}
     for i, spec in enumerate(data["eval"]["hf"] or []):
+        local = is_local(spec["path"])
+        if not local:  # before the revision is resolved: say what is missing first
+            require_datasets(spec["path"], f"data.eval.hf[{i}]")
+        spec = {**spec, **hub.source_revision(spec["path"], spec.get("revision"), local)}
+        sources.append(spec)
         field = spec.get("tokens_field") or spec.get("text_field") or "text"
         kind = "tokens" if spec.get("tokens_field") else "text"
         domain_field = spec.get("domain_field")
@@ -155,7 +164,8 @@ def build_shards(data: dict, corpus_dir: str | os.PathLike, tokenizer_path: str 
     # held-out evaluation documents
     evaluation = data["eval"]
     if evaluation["source"] == "hf":
-        eval_docs = _eval_docs_hf(data)
+        info["eval_sources"] = []
+        eval_docs = _eval_docs_hf(data, info["eval_sources"])
     else:
         wanted = evaluation["domains"] or [d for d in domains if not domains[d].get("streamed")]
         unknown = [d for d in wanted if d not in domains]

@@ -65,10 +65,9 @@ def counts_from_rows(rows, vocab_size: int, what: str = "the training stream") -
 def counts_from_stream(datasets: list[dict], rows: int, vocab_size: int) -> np.ndarray:
     """Token counts of the first `rows` rows of the concatenated training streams, in the order
     the trainer reads them (relora/data/stream.py)."""
-    from .corpus import iter_hf
+    from .stream import StreamedBatches
 
-    stream = itertools.chain.from_iterable(
-        (value for _, _, value in iter_hf(spec, f"data.corpus.hf[{spec['path']}]")) for spec in datasets)
+    stream = StreamedBatches(datasets, seq_len=1, batch_size=1, vocab_size=vocab_size).rows_from(0)
     return counts_from_rows(itertools.islice(stream, rows), vocab_size)
 
 

@@ -273,6 +273,21 @@ def get_train_gpus(wildcards):
     return 0 if get_run(wildcards)["training"]["device"] == "cpu" else 1
 
 
+def get_train_launcher(wildcards):
+    """How a train job starts the trainer: one process, or with several GPUs torchrun with one
+    process per GPU of the node (`--standalone`: a single-node rendezvous; the trainer reads
+    torchrun's RANK, WORLD_SIZE and LOCAL_RANK and trains data-parallel)."""
+    gpus = get_train_gpus(wildcards)
+    if gpus > 1:
+        return f"python -m torch.distributed.run --standalone --nproc_per_node {gpus} -m relora"
+    return "python -m relora"
+
+
+def get_train_process_threads(wildcards, threads):
+    """The job's threads shared among its processes (one per GPU)."""
+    return max(1, threads // max(1, get_train_gpus(wildcards)))
+
+
 def gpus_for(stage):
     return SCHEDULE["gpus"][stage]
 
@@ -291,7 +306,7 @@ def get_train_mem_mb(wildcards):
     kv = m["n_kv_heads"] * d // m["n_heads"]
     params = 2 * vocab * d + layers * (2 * d * d + 2 * d * kv + 3 * d * m["ffn_hidden"])
     if get_train_gpus(wildcards):
-        total = 16000 + 32 * params / 1e6
+        total = (16000 + 32 * params / 1e6) * get_train_gpus(wildcards)  # per process, one per GPU
     else:
         tokens = t["batch_size"] // t["grad_accum"] * seq
         activations = tokens * layers * (88 * d + 4 * m["n_heads"] * seq)
@@ -310,5 +325,6 @@ def get_train_runtime(wildcards):
     run = get_run(wildcards)
     t, seq = run["training"], run["data"]["seq_len"]
     flops = model_flops_per_token(ModelConfig(**run["model"]), seq) * t["steps"] * t["batch_size"] * seq
-    device = "cuda" if get_train_gpus(wildcards) else "cpu"
-    return within_limit(int(math.ceil(2 * flops / SCHEDULE["flops_per_second"][device] / 60)) + 10)
+    gpus = get_train_gpus(wildcards)
+    rate = SCHEDULE["flops_per_second"]["cuda"] * gpus if gpus else SCHEDULE["flops_per_second"]["cpu"]
+    return within_limit(int(math.ceil(2 * flops / rate / 60)) + 10)

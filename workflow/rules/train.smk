@@ -1,6 +1,7 @@
 # Pretraining: one job per (size, condition, seed). Its resumable state lives in RESUME, which is
 # not a declared output (Snakemake deletes the outputs of a job before re-running it), so a
-# preempted or timed-out job that is retried or requeued continues where it stopped.
+# preempted or timed-out job that is retried or requeued continues where it stopped. With
+# workflow.gpus.train N > 1 the job runs the trainer under torchrun, one process per GPU of its node.
 
 
 rule train:
@@ -20,6 +21,8 @@ rule train:
         run_dir=output_dir("run"),
         resume_dir=RESUME,
         run_hash=get_run_hash,
+        launcher=get_train_launcher,
+        process_threads=get_train_process_threads,
     threads: threads_for("train")
     resources:
         mem_mb=get_train_mem_mb,
@@ -28,7 +31,7 @@ rule train:
     conda:
         "../../envs/train.yaml"
     shell:
-        "python -m relora train --config {params.study} --size {wildcards.size}"
+        "{params.launcher} train --config {params.study} --size {wildcards.size}"
         " --condition {wildcards.condition} --seed {wildcards.seed} --data {params.data}"
-        " --out {params.run_dir} --resume-dir {params.resume_dir} --threads {threads}"
+        " --out {params.run_dir} --resume-dir {params.resume_dir} --threads {params.process_threads}"
         " > {log} 2>&1"
