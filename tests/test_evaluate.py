@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from relora.evaluate import (LINEAR_PARENTS, blimp_scores, blimp_summary, linear_key, load_snapshot,
-                             read_blimp, score_documents, score_sentence_naive, score_sentences,
-                             score_sequences, sliding_windows)
+from relora.checkpoint import load_snapshot
+from relora.evaluate import (LINEAR_PARENTS, blimp_scores, blimp_summary, linear_key, read_blimp,
+                             score_documents, score_sentence_naive, score_sentences, score_sequences,
+                             sliding_windows)
 from relora.model import ModelConfig, PicoDecoder
 
 # ---------------------------------------------------------------- helpers (also used by test_dynamics*)
@@ -81,9 +82,9 @@ def test_uniform_model_has_perplexity_vocab_size():
     score = score_documents(model, docs, n_bytes, stride=5)
     assert score.tokens == 0 + 1 + 4 + 15 + 39
     assert score.nll == pytest.approx(score.tokens * math.log(128), rel=1e-6)
-    assert score.ppl == pytest.approx(128, rel=1e-6)
-    assert score.ppl_doc_mean == pytest.approx(128, rel=1e-6)
-    assert score.bpb == pytest.approx(score.tokens * math.log2(128) / sum(n_bytes), rel=1e-6)
+    assert score.perplexity == pytest.approx(128, rel=1e-6)
+    assert score.perplexity_doc_mean == pytest.approx(128, rel=1e-6)
+    assert score.bits_per_byte == pytest.approx(score.tokens * math.log2(128) / sum(n_bytes), rel=1e-6)
     assert score.docs == 4  # a one-token document predicts nothing
 
 
