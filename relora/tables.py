@@ -314,7 +314,7 @@ def arrow_type(duckdb_type: str):
     if duckdb_type.endswith("[]"):
         return pa.list_(arrow_type(duckdb_type[:-2]))
     return {"VARCHAR": pa.string(), "BIGINT": pa.int64(), "INTEGER": pa.int32(), "DOUBLE": pa.float64(),
-            "BOOLEAN": pa.bool_()}[duckdb_type]
+            "BOOLEAN": pa.bool_(), "TIMESTAMPTZ": pa.timestamp("us", tz="UTC")}[duckdb_type]
 
 
 def write_table(table: Table, rows: list[dict], path: str | os.PathLike) -> Path:

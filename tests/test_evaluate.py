@@ -206,6 +206,28 @@ def test_huggingface_relora_folder_takes_the_runs_scale(tmp_path):
                                2.0 * adapters[f"{key}.B_lora"].double() @ adapters[f"{key}.A_lora"].double())
 
 
+def test_a_verified_checkpoint_is_not_hashed_again_until_it_changes(tmp_path, monkeypatch):
+    from relora import checkpoint
+
+    path = save_checkpoint(tmp_path / "step_0", make_model(tiny_config()), step=0)
+    meta = json.loads((path / "config.json").read_text())
+    meta["sha256"] = checkpoint.sha256_file(path / "model.safetensors")
+    (path / "config.json").write_text(json.dumps(meta))
+    hashed, real = [], checkpoint.sha256_file
+    monkeypatch.setattr(checkpoint, "sha256_file", lambda p: hashed.append(p) or real(p))
+    load_snapshot(path)
+    assert len(hashed) == 1  # one load, one hash (the reader checks once)
+    verified = checkpoint.verify_weights(path)
+    load_snapshot(path, verified=verified)
+    load_snapshot(path, verified=verified)
+    assert len(hashed) == 2  # the verification; the loads trust it
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])  # changed since: hashed again, and refused
+    with pytest.raises(checkpoint.CheckpointError, match="sha256 differs from config.json"):
+        load_snapshot(path, verified=verified)
+    assert len(hashed) == 3
+
+
 def test_checkpoint_not_matching_the_config_is_named(tmp_path):
     config = tiny_config()
     save_checkpoint(tmp_path / "step_0", make_model(config), step=0)

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -98,6 +99,27 @@ def test_evaluate_and_dynamics_write_the_contract_tables(tmp_path, data_dir, con
     assert final_cka == pytest.approx([1.0, 1.0])
     update0 = [r["value"] for r in dyn if r["step"] == 0 and r["target"] == "update" and r["metric"] == "numerical_rank"]
     assert update0 and set(update0) == {0.0}
+
+
+def test_each_checkpoint_is_hashed_once_per_stage(tmp_path, data_dir, monkeypatch):
+    """A stage verifies every checkpoint before its first metric and then loads each (dynamics
+    loads the final step twice, for CKA): one sha256 per checkpoint, not one per load."""
+    from relora import checkpoint
+
+    config_path, run_dir, run = make_run(tmp_path, "relora")
+    steps = run["steps"]["checkpoint"]
+    for step in steps:  # record the sha256 as the trainer does
+        folder = run_dir / "checkpoints" / f"step_{step}"
+        meta = json.loads((folder / "config.json").read_text())
+        meta["sha256"] = checkpoint.sha256_file(folder / "model.safetensors")
+        (folder / "config.json").write_text(json.dumps(meta))
+    hashed, real = [], checkpoint.sha256_file
+    monkeypatch.setattr(checkpoint, "sha256_file", lambda path: hashed.append(Path(path).parent.name) or real(path))
+    args = ["--config", str(config_path), "--data", str(data_dir), "--run", str(run_dir), "--threads", "1"]
+    for command in ("evaluate", "dynamics"):
+        hashed.clear()
+        assert main([command, *args]) == 0
+        assert sorted(hashed) == sorted(f"step_{s}" for s in steps), command  # steps 0, 2, 4: once each
 
 
 def test_paper_huggingface_checkpoints_go_through_the_same_commands(tmp_path, data_dir):

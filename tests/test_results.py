@@ -59,6 +59,24 @@ def test_tables_and_views_follow_the_contract(db):
                                       "ci_low", "ci_high", "p_value", "n_seeds"]
 
 
+def test_every_table_view_and_column_of_the_database_is_explained(db):
+    """DESCRIBE / duckdb_columns() explain the database: a non-empty comment on every table, view
+    and column, the flattened run config's naming its config key."""
+    objects = dict(db.execute("SELECT table_name, comment FROM duckdb_tables() WHERE NOT internal "
+                              "UNION ALL SELECT view_name, comment FROM duckdb_views() WHERE NOT internal").fetchall())
+    assert set(objects) == set(DATABASE) and all(c and c.strip() for c in objects.values()), objects
+    assert objects["final"] == DATABASE["final"].comment
+    comments = {(t, c): comment for t, c, comment in db.execute(
+        "SELECT table_name, column_name, comment FROM duckdb_columns() WHERE NOT internal").fetchall()}
+    assert {t for t, _ in comments} == set(DATABASE)
+    unexplained = [key for key, comment in comments.items() if not (comment and comment.strip())]
+    assert unexplained == []
+    assert comments[("perplexity", "bits_per_byte")] == DATABASE["perplexity"].column("bits_per_byte").comment
+    assert comments[("gap", "p_value")] == DATABASE["gap"].column("p_value").comment
+    assert "model.d_model" in comments[("runs", "model_d_model")]
+    assert "training.schedule.name" in comments[("runs", "training_schedule_name")]
+
+
 def test_row_counts_and_keys_from_the_hive_path(db):
     assert db.execute("SELECT count(*) FROM runs").fetchall()[0][0] == 12
     assert db.execute("SELECT count(*) FROM train_metrics").fetchall()[0][0] == 12 * syn.STEPS
