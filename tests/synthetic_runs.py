@@ -88,7 +88,7 @@ def final_train_loss(size: str, condition: str, seed: int) -> float:
     return train_loss(size, condition, seed, STEPS)
 
 
-def bpb(size: str, condition: str, seed: int, step: int, domain: str) -> float:
+def bits_per_byte(size: str, condition: str, seed: int, step: int, domain: str) -> float:
     return (train_loss(size, condition, seed, step) + DOMAINS[domain]) / math.log(2) / 4
 
 
@@ -237,7 +237,7 @@ def write_run(run_dir: Path, run: dict, files=("run.json", "train_metrics", "dyn
         for step in eval_steps:
             for domain in DOMAINS:
                 tokens, nbytes = 10000, 40000
-                b = bpb(size, condition, seed, step, domain)
+                b = bits_per_byte(size, condition, seed, step, domain)
                 nll = b * math.log(2) * nbytes
                 for c, v in zip(cols, (step, domain, 50, tokens, nbytes, nll, math.exp(nll / tokens), b,
                                        1.1 * math.exp(nll / tokens))):

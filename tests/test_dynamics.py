@@ -38,7 +38,7 @@ def test_zero_matrix_has_rank_zero_and_nan_metrics():
     assert m["frobenius_norm"] == 0 and m["spectral_norm"] == 0
 
 
-def test_known_spectrum_gives_exact_erank():
+def test_known_spectrum_gives_exact_effective_rank():
     torch.manual_seed(1)
     sigma = torch.tensor([4.0, 2.0, 1.0, 1.0], dtype=torch.float64)
     U, _ = torch.linalg.qr(torch.randn(7, 4, dtype=torch.float64))
@@ -60,7 +60,7 @@ def test_tolerance_follows_the_stored_dtype_and_the_given_scale():
     assert spectrum_metrics(sigma, torch.tensor([tolerance(3, torch.bfloat16, 1.0)]))["numerical_rank"].item() == 1
     # values AT the tolerance count as zero
     assert spectrum_metrics(sigma, torch.tensor([1e-5], dtype=torch.float64))["numerical_rank"].item() == 1
-    # erank only sees the kept values: [1, 0, 0] -> 1
+    # the effective rank only sees the kept values: [1, 0, 0] -> 1
     assert spectrum_metrics(sigma, torch.tensor([1e-5], dtype=torch.float64))["effective_rank"].item() == pytest.approx(1.0)
 
 
@@ -151,8 +151,8 @@ def test_update_is_zero_at_step_zero_and_adapter_zero_after_reset(tmp_path):
     rows = spectra_rows(items, extra)
     for target in ("update", "adapter"):
         ranks = [r["value"] for r in rows if r["target"] == target and r["metric"] == "numerical_rank"]
-        eranks = [r["value"] for r in rows if r["target"] == target and r["metric"] == "effective_rank"]
-        assert ranks and all(v == 0 for v in ranks) and all(math.isnan(v) for v in eranks)
+        effective_ranks = [r["value"] for r in rows if r["target"] == target and r["metric"] == "effective_rank"]
+        assert ranks and all(v == 0 for v in ranks) and all(math.isnan(v) for v in effective_ranks)
     weight_ranks = [r["value"] for r in rows if r["target"] == "weight" and r["metric"] == "numerical_rank"]
     assert all(v > 0 for v in weight_ranks)
 

@@ -101,8 +101,8 @@ def test_final_view_values(db):
     window = [syn.train_loss("tiny", "full", 0, k) for k in range(syn.STEPS - 9, syn.STEPS + 1)]
     assert final[("tiny", "full", 0, "train_loss_smoothed")]["value"] == pytest.approx(np.mean(window))
     assert final[("tiny", "full", 0, "bits_per_byte/wiki")]["value"] == pytest.approx(
-        syn.bpb("tiny", "full", 0, syn.STEPS, "wiki"))
-    pooled = np.mean([syn.bpb("tiny", "full", 0, syn.STEPS, d) for d in syn.DOMAINS])  # equal bytes
+        syn.bits_per_byte("tiny", "full", 0, syn.STEPS, "wiki"))
+    pooled = np.mean([syn.bits_per_byte("tiny", "full", 0, syn.STEPS, d) for d in syn.DOMAINS])  # equal bytes
     assert final[("tiny", "full", 0, "bits_per_byte")]["value"] == pytest.approx(pooled)
     accs = [syn.blimp_accuracy("small", "relora-paper", 0, syn.STEPS, i) for i in range(len(syn.PARADIGMS))]
     assert final[("small", "relora-paper", 0, "blimp")]["value"] == pytest.approx(np.mean(accs))
