@@ -22,7 +22,6 @@ PARADIGM_T, WILCOXON, PAPER_Z = ("paired_t_paradigms", "wilcoxon_signed_rank",
 TEST_ROLES = {PARADIGM_T: "headline", WILCOXON: "check", PAPER_Z: "paper (anti-conservative)"}
 
 
-
 def t_interval(values, confidence: float = 0.95) -> tuple[float, float, float, float]:
     """(mean, std, ci_low, ci_high) of a sample: the Student t-interval of the mean; NaN std
     and interval for fewer than two values."""
@@ -84,7 +83,11 @@ def wilcoxon_signed_rank(condition_values, reference_values) -> tuple[float, flo
 
 
 def add_statistics(con, reference: str, confidence: float,
-                balanced_range: tuple[float, float] = BALANCED_RANGE) -> None:
+                   balanced_range: tuple[float, float] = BALANCED_RANGE) -> None:
+    """From view `final`: `metric_summary` (each metric over the seeds of a size and condition:
+    mean and t-interval at `confidence`), `gap_stats` and view `gap` (each condition minus
+    `reference`, paired by seed; BLiMP metrics take their interval and p from the test over
+    paradigms, the over-seeds p kept as `seed_p_value`) and `blimp_tests` (`blimp_test_rows`)."""
     final = con.execute("SELECT size, condition, seed, step, metric, value, family, better "
                         "FROM final").fetchall()
     groups: dict[tuple, dict[int, tuple]] = {}
@@ -144,7 +147,7 @@ def add_statistics(con, reference: str, confidence: float,
 
 
 def blimp_test_rows(con, reference: str, confidence: float = 0.95,
-                 balanced_range: tuple[float, float] = BALANCED_RANGE) -> list[dict]:
+                    balanced_range: tuple[float, float] = BALANCED_RANGE) -> list[dict]:
     """Tests of each condition vs the reference on the BLiMP paradigms of every run's last
     evaluated step, for `blimp` (every paradigm), `blimp_balanced` (the paradigms whose unigram
     baseline accuracy lies in `balanced_range`) and each `blimp/<phenomenon>`; per seed, and

@@ -282,8 +282,7 @@ RUNS = _table(
     ("versions", "VARCHAR", "package versions the run recorded, JSON"),
     ("run_json", "VARCHAR", "the whole run.json, JSON"),
     ("run_dir", "VARCHAR", "the run directory read"),
-    ("files", "VARCHAR[]", "which of the run's files were present"),
-    order="")
+    ("files", "VARCHAR[]", "which of the run's files were present"))
 
 DATABASE = {t.name: t for t in (RUNS, TRAIN_METRICS, DYNAMICS, PERPLEXITY, BLIMP, BLIMP_REFERENCE,
                                 BLIMP_BASELINES, STUDY, FINAL, METRIC_SUMMARY, GAP_STATS, GAP, BLIMP_TESTS)}
