@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from relora.checkpoint import Snapshot
 from relora.dynamics import matrix_metrics, snapshot_targets, spectra_rows
-from relora.evaluate import LINEAR_PARENTS, Snapshot, linear_key, score_documents, score_sentences
+from relora.evaluate import LINEAR_PARENTS, linear_key, score_documents, score_sentences
 from relora.model import ModelConfig, PicoDecoder
 
 

@@ -5,14 +5,14 @@ docs/design.md, Metrics. Singular values are computed in float64. Values at or b
 the stored matrices the target is computed from (for `update`, of the weight at step t), so that
 stored rounding noise never reads as rank:
 
-    numerical_rank     number of sigma above the tolerance
-    erank              exp(-sum p_i ln p_i), p_i = sigma_i / sum(sigma)   (Roy & Vetterli 2007)
-    per                erank / k   (proportional effective rank; an adapter's is capped at r / k)
-    condition_number   sigma_max / sigma_min over all k values; inf when numerical_rank < k
+    numerical_rank               number of sigma above the tolerance
+    effective_rank               exp(-sum p_i ln p_i), p_i = sigma_i / sum(sigma)   (Roy & Vetterli 2007)
+    proportional_effective_rank  effective_rank / k   (an adapter's is capped at r / k)
+    condition_number             sigma_max / sigma_min over all k values; inf when numerical_rank < k
     frobenius_norm, spectral_norm
 
 An all-zero matrix (an update at step 0, an adapter right after a reset) has numerical_rank 0
-and NaN erank, per and condition_number. Targets per linear (q, k, v, o, w_0, w_1, w_2 of every
+and NaN effective_rank, proportional_effective_rank and condition_number. Targets per linear (q, k, v, o, w_0, w_1, w_2 of every
 layer): `weight` (effective: W + scale * B @ A for ReLoRA), `base` (the stored weight W alone:
 for ReLoRA the frozen weight the merges accumulate, what the paper plotted after each merge; for
 a plain linear it is the weight, and its rows are copies of the weight's), `gradient` (of the
@@ -48,12 +48,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .evaluate import LINEAR_PARENTS, Snapshot, linear_key
+from .checkpoint import Snapshot
+from .evaluate import LINEAR_PARENTS, linear_key
 from .model import PicoDecoder
+from .tables import (ADAPTER_A_METRICS, CKA_TO_FINAL, EFFECTIVE_RANK, PROPORTIONAL_EFFECTIVE_RANK,
+                     SPECTRUM_METRICS, TOP_R_CONDITION_NUMBER)
 
-METRICS = ("erank", "per", "condition_number", "numerical_rank", "frobenius_norm", "spectral_norm")
 TARGETS = ("weight", "base", "gradient", "update", "adapter", "adapter_A")
-ADAPTER_A_METRICS = ("max_abs_over_init_bound", "entries_over_3x_bound")
 LINEAR_MODULES = tuple(LINEAR_PARENTS)
 
 
@@ -112,11 +113,12 @@ def spectrum_metrics(sigma: torch.Tensor, tol: torch.Tensor) -> dict[str, torch.
     entropy = -torch.where(nonzero, p * torch.log(p), torch.zeros_like(p)).sum(-1)
     empty = rank == 0
     nan = torch.full_like(entropy, math.nan)
-    erank = torch.where(empty, nan, torch.exp(entropy))
+    effective_rank = torch.where(empty, nan, torch.exp(entropy))
     sigma_max, sigma_min = sigma[..., 0], sigma[..., -1]
     condition = torch.where(rank < k, torch.full_like(entropy, math.inf), sigma_max / sigma_min)
     condition = torch.where(empty, nan, condition)
-    return {"erank": erank, "per": erank / k, "condition_number": condition,
+    return {EFFECTIVE_RANK: effective_rank, PROPORTIONAL_EFFECTIVE_RANK: effective_rank / k,
+            "condition_number": condition,
             "numerical_rank": rank.double(), "frobenius_norm": sigma.pow(2).sum(-1).sqrt(),
             "spectral_norm": sigma_max}
 
@@ -175,12 +177,12 @@ def spectra_rows(targets: list[Target], extra: dict | None = None, device=None) 
                                    torch.tensor([tols[i] for i in indices], dtype=torch.float64))
         for j, i in enumerate(indices):
             t = targets[i]
-            for name in METRICS:
+            for name in SPECTRUM_METRICS:
                 rows.append({"layer": t.layer, "module": t.module, "target": t.target,
                              "metric": name, "value": float(metrics[name][j])})
             if t.rank is not None:
                 rows.append({"layer": t.layer, "module": t.module, "target": t.target,
-                             "metric": "condition_number_top_r",
+                             "metric": TOP_R_CONDITION_NUMBER,
                              "value": top_r_condition_number(sigmas[i], int(metrics["numerical_rank"][j]), t.rank)})
     return rows
 
@@ -373,7 +375,7 @@ def analyse_checkpoints(snapshots: dict, probe: torch.Tensor | None, targets=TAR
         if cka:
             for layer, (X, Y) in enumerate(zip(activations, final_activations)):
                 rows.append({"step": step, "layer": layer, "module": "block", "target": "activation",
-                             "metric": "cka_to_final", "value": linear_cka(X, Y)})
+                             "metric": CKA_TO_FINAL, "value": linear_cka(X, Y)})
         if progress:
             progress(step)
     return rows

@@ -16,19 +16,16 @@ of paradigms.
 Both score token sequences in length-sorted batches padded on the right: the decoder is causal,
 so padding after a sequence never changes its logits, and only the loss needs a mask.
 
-Checkpoints of any condition are read here too (`load_snapshot`): this project's layout
-(`model.safetensors` + `config.json` with `model`, `method`, `step`; ReLoRA stores `weight`,
-`A_lora` and `B_lora` separately) and the paper's released Hugging Face folders (Pico names,
-possibly prefixed `pico_decoder.`, Pico config keys). Evaluation runs the effective weights
-`W + scale * B @ A` in a plain decoder: the function a LoRA model computes with dropout off.
+Checkpoints of any condition and either layout are read by relora.checkpoint.load_snapshot.
+Evaluation runs the effective weights `W + scale * B @ A` in a plain decoder: the function a
+LoRA model computes with dropout off.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,215 +33,19 @@ import torch
 import torch.nn.functional as F
 
 from .data.blimp import load_paradigm_file
-from .io import sha256_file
-from .model import ModelConfig, PicoDecoder, rope_tables
+from .model import PicoDecoder
 
 LINEAR_PARENTS = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention",
                   "o_proj": "attention", "w_0": "swiglu", "w_1": "swiglu", "w_2": "swiglu"}
-HF_PREFIXES = ("pico_decoder.", "_orig_mod.", "module.")
-# Pico's Hugging Face config keys -> ModelConfig fields
-HF_CONFIG_KEYS = {"vocab_size": "vocab_size", "d_model": "d_model", "n_layers": "n_layers",
-                  "attention_n_heads": "n_heads", "attention_n_kv_heads": "n_kv_heads",
-                  "activation_hidden_dim": "ffn_hidden", "max_seq_len": "max_seq_len",
-                  "position_emb_theta": "rope_theta", "norm_eps": "norm_eps"}
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints of any condition
+# Linear modules
 
 
 def linear_key(layer: int, module: str) -> str:
     """State-dict prefix of a linear module: `layers.<i>.attention.q_proj`, `layers.<i>.swiglu.w_0`."""
     return f"layers.{layer}.{LINEAR_PARENTS[module]}.{module}"
-
-
-@dataclass
-class Snapshot:
-    """One checkpoint's stored tensors (reference names) and what is needed to read them."""
-
-    path: Path
-    config: ModelConfig
-    tensors: dict[str, torch.Tensor]
-    step: int | None = None
-    scale: float | None = None  # adapter scale alpha / r, when the checkpoint has adapters
-    layout: str = "relora"  # "relora" (this project) or "huggingface" (the paper's releases)
-    meta: dict = field(default_factory=dict)
-
-    def has_adapter(self, layer: int, module: str) -> bool:
-        return f"{linear_key(layer, module)}.A_lora" in self.tensors
-
-    def weight(self, layer: int, module: str) -> torch.Tensor:
-        """The stored (frozen, for ReLoRA) weight W, out x in, in its stored dtype."""
-        return self.tensors[f"{linear_key(layer, module)}.weight"]
-
-    def adapter(self, layer: int, module: str) -> torch.Tensor | None:
-        """scale * B @ A in float64 from the stored factors; None for a plain linear."""
-        if not self.has_adapter(layer, module):
-            return None
-        key = linear_key(layer, module)
-        A, B = self.tensors[f"{key}.A_lora"].double(), self.tensors[f"{key}.B_lora"].double()
-        return self.scale * (B @ A)  # (out, r) @ (r, in)
-
-    def effective_weight(self, layer: int, module: str) -> torch.Tensor:
-        """W + scale * B @ A in float64 (W for a plain linear)."""
-        W = self.weight(layer, module).double()
-        delta = self.adapter(layer, module)
-        return W if delta is None else W + delta
-
-    def effective_state_dict(self, dtype=torch.float32) -> dict[str, torch.Tensor]:
-        """A plain PicoDecoder state dict with every adapter folded into its weight."""
-        state = {k: v.to(dtype) for k, v in self.tensors.items() if not k.endswith(("A_lora", "B_lora"))}
-        for layer in range(self.config.n_layers):
-            for module in LINEAR_PARENTS:
-                if self.has_adapter(layer, module):
-                    state[f"{linear_key(layer, module)}.weight"] = self.effective_weight(layer, module).to(dtype)
-        return state
-
-    def model(self, device="cpu", dtype=torch.float32) -> PicoDecoder:
-        """A plain decoder computing what the checkpoint computes (adapter dropout off), eval mode."""
-        with torch.device("meta"):
-            model = PicoDecoder(self.config)
-        model = model.to_empty(device=device)
-        model.load_state_dict(self.effective_state_dict(dtype), strict=True)
-        # the RoPE tables are not in the state dict (non-persistent): rebuild them on the device
-        model.rope_cos, model.rope_sin = rope_tables(self.config.head_dim, self.config.max_seq_len,
-                                                     self.config.rope_theta, device)
-        return model.to(dtype).eval()
-
-
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    weights = path / "model.safetensors"
-    if weights.is_file():
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(weights))
-        except Exception as e:  # safetensors raises its own error types
-            raise ValueError(f"{weights}: not a readable safetensors file: {e}") from None
-    legacy = path / "pytorch_model.bin"  # older Hugging Face uploads
-    if legacy.is_file():
-        return torch.load(legacy, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{weights}: checkpoint weights not found")
-
-
-def _hf_scale(config: dict) -> float | None:
-    """An adapter scale from a Hugging Face config, if it records one."""
-    for section in (config, config.get("relora") or {}, config.get("lora") or {}, config.get("method") or {}):
-        if not isinstance(section, dict):
-            continue
-        if "scale" in section:
-            return float(section["scale"])
-        alpha = section.get("lora_alpha", section.get("alpha"))
-        rank = section.get("lora_r", section.get("r", section.get("rank")))
-        if alpha is not None and rank:
-            return float(alpha) / float(rank)
-    return None
-
-
-def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        model = PicoDecoder(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def load_snapshot(path, expected: ModelConfig | None = None, scale: float | None = None) -> Snapshot:
-    """Read a checkpoint folder of either layout and check it against the run's model config.
-
-    `expected`: the run's ModelConfig (a mismatch is an error naming the file and the field);
-    `scale`: the run's adapter scale, used when the checkpoint does not record one.
-    """
-    path = Path(path)
-    config_path = path / "config.json"
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: checkpoint folder not found")
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path}: checkpoint config not found")
-    try:
-        raw = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path}: not valid JSON: {e}") from None
-    if isinstance(raw.get("model"), dict):  # this project's layout
-        layout = "relora"
-        try:
-            config = ModelConfig(**raw["model"])
-        except TypeError as e:
-            raise ValueError(f"{config_path}: model section does not describe a Pico decoder: {e}") from None
-        method = raw.get("method") or {}
-        stored_scale = method.get("scale")
-        if stored_scale is None and method.get("alpha") is not None and method.get("rank"):
-            stored_scale = method["alpha"] / method["rank"]
-        step = raw.get("step")
-    elif "d_model" in raw:  # the paper's Hugging Face releases
-        layout = "huggingface"
-        missing = [k for k in HF_CONFIG_KEYS if k not in raw and k not in ("position_emb_theta", "norm_eps")]
-        if missing:
-            raise ValueError(f"{config_path}: Pico config lacks {', '.join(missing)}")
-        fields = {field_: raw[key] for key, field_ in HF_CONFIG_KEYS.items() if key in raw}
-        config = ModelConfig(**fields)
-        stored_scale, step = _hf_scale(raw), raw.get("step")
-    else:
-        raise ValueError(f"{config_path}: neither a relora checkpoint config (a 'model' section) "
-                         "nor a Pico Hugging Face config (d_model, n_layers, ...)")
-    if expected is not None:
-        for name, want in expected.to_dict().items():
-            got = getattr(config, name)
-            if not (got == want or (isinstance(want, float) and math.isclose(got, want, rel_tol=1e-9))):
-                raise ValueError(f"{config_path}: checkpoint does not match the run config: "
-                                 f"{name} is {got} in the checkpoint, {want} in the run")
-
-    weights_file = path / "model.safetensors"
-    if raw.get("sha256") and weights_file.is_file():
-        if sha256_file(weights_file) != raw["sha256"]:
-            raise ValueError(f"{weights_file}: sha256 differs from {config_path} (truncated or altered checkpoint)")
-    tensors = {}
-    for key, value in _read_tensors(path).items():
-        for prefix in HF_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        tensors[key] = value
-    shapes = _expected_shapes(config)
-    missing = [k for k in shapes if k not in tensors]
-    if missing:
-        raise ValueError(f"{weights_file}: missing {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
-    for key, shape in shapes.items():
-        if tuple(tensors[key].shape) != shape:
-            raise ValueError(f"{weights_file}: {key} has shape {tuple(tensors[key].shape)}, "
-                             f"the config implies {shape}")
-    has_adapters = False
-    for key in tensors:
-        if key in shapes:
-            continue
-        base, _, leaf = key.rpartition(".")
-        if leaf in ("A_lora", "B_lora") and f"{base}.weight" in shapes:
-            out_f, in_f = shapes[f"{base}.weight"]
-            A, B = tensors.get(f"{base}.A_lora"), tensors.get(f"{base}.B_lora")
-            if A is None or B is None:
-                raise ValueError(f"{weights_file}: {base} has only one of A_lora / B_lora")
-            rank = A.shape[0]
-            if tuple(A.shape) != (rank, in_f) or tuple(B.shape) != (out_f, rank):
-                raise ValueError(f"{weights_file}: {base} adapter shapes A {tuple(A.shape)}, B {tuple(B.shape)} "
-                                 f"do not fit a {out_f} x {in_f} weight")
-            has_adapters = True
-        else:
-            raise ValueError(f"{weights_file}: unexpected tensor {key}")
-    if has_adapters:
-        if stored_scale is not None and scale is not None and not math.isclose(stored_scale, scale, rel_tol=1e-9):
-            raise ValueError(f"{config_path}: adapter scale {stored_scale} differs from the run's {scale}")
-        stored_scale = stored_scale if stored_scale is not None else scale
-        if stored_scale is None:
-            raise ValueError(f"{config_path}: the checkpoint has adapters but records no scale (alpha / r)")
-    return Snapshot(path=path, config=config, tensors=tensors, step=step,
-                    scale=stored_scale if has_adapters else None, layout=layout, meta=raw)
-
-
-def step_dir(checkpoints: Path, step: int) -> Path:
-    """checkpoints/step_<k>, with an error naming the folder (and what exists) when absent."""
-    path = Path(checkpoints) / f"step_{step}"
-    if not path.is_dir():
-        have = sorted(p.name for p in Path(checkpoints).glob("step_*")) if Path(checkpoints).is_dir() else []
-        raise FileNotFoundError(f"{path}: no checkpoint at step {step} "
-                                f"(found: {', '.join(have) if have else 'none'})")
-    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,14 +131,14 @@ class DomainScore:
     tokens: int  # predicted tokens
     bytes: int  # UTF-8 bytes of the predicted tokens
     nll: float  # sum over predicted tokens, nats
-    ppl_doc_mean: float
+    perplexity_doc_mean: float
 
     @property
-    def ppl(self) -> float:
+    def perplexity(self) -> float:
         return math.exp(self.nll / self.tokens) if self.tokens else math.nan
 
     @property
-    def bpb(self) -> float:
+    def bits_per_byte(self) -> float:
         return self.nll / (math.log(2) * self.bytes) if self.bytes else math.nan
 
 
@@ -359,7 +160,8 @@ def score_documents(model: PicoDecoder, documents: list, n_bytes: list[int] | No
     doc_ppl = np.exp(doc_nll[has_tokens] / predicted[has_tokens])
     return DomainScore(docs=int(has_tokens.sum()), tokens=int(predicted.sum()),
                        bytes=int(np.sum(n_bytes)) if n_bytes is not None else 0,
-                       nll=float(doc_nll.sum()), ppl_doc_mean=float(doc_ppl.mean()) if doc_ppl.size else math.nan)
+                       nll=float(doc_nll.sum()),
+                       perplexity_doc_mean=float(doc_ppl.mean()) if doc_ppl.size else math.nan)
 
 
 def read_eval_domains(eval_dir, max_docs: int | None = None) -> dict[str, tuple[list, list[int]]]:
@@ -490,26 +292,3 @@ def load_tokenizer(data_dir):
         return tokenizer.encode(text, add_special_tokens=False).ids
 
     return encode, int(eos_id)
-
-
-# ----------------------------------------------------------------------------------------------
-# Output
-
-
-def write_parquet_atomic(rows: list[dict], path, columns: list[str]) -> None:
-    """Write rows (a list of dicts) to Parquet under a temporary name, then rename."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    extra = [k for k in (rows[0] if rows else {}) if k not in columns]
-    table = pa.Table.from_pylist(rows, schema=None) if rows else pa.table({c: [] for c in columns})
-    table = table.select(columns + extra)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -10,14 +10,12 @@ ReLoRA checkpoints are exported with their effective weights W + scale * B A.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from .checkpoint import load_checkpoint
-from .io import check_replaceable, replace_dir, write_marker
+from .io import atomic_dir, check_replaceable, write_marker
 from .lora import LoRALinear
 
 HF_NAMES = {"attention.q_proj": "self_attn.q_proj", "attention.k_proj": "self_attn.k_proj",
@@ -74,14 +72,8 @@ def export_hf(checkpoint_dir: Path, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     check_replaceable(out_dir, EXPORT_MARKER)  # before the work: an earlier export, or nothing
     model, meta = load_checkpoint(checkpoint_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out_dir, EXPORT_MARKER) as tmp:
         write_marker(tmp, EXPORT_MARKER, {"checkpoint": str(Path(checkpoint_dir).resolve())})
         save_file(hf_state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config(model.config), indent=2))
-        replace_dir(tmp, out_dir, EXPORT_MARKER)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

@@ -39,6 +39,22 @@ def atomic_path(path: str | os.PathLike):
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, *markers: str, products: Iterable[str] = ()):
+    """Yield a fresh temporary folder beside `path`; when the block succeeds, put it in place of
+    `path` (`replace_dir`: `path` must be absent, empty or hold one of `markers`, else
+    ValueError). The temporary folder never outlives the block."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed process that had our pid
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        replace_dir(tmp, path, *markers, products=products)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -19,20 +19,21 @@ import math
 from pathlib import Path
 
 from .data.unigram import BALANCED_RANGE
+from .tables import PROPORTIONAL_EFFECTIVE_RANK
 
 PALETTE = ["#4c78a8", "#f58518", "#e45756", "#72b7b2", "#54a24b", "#eeca3b", "#b279a2",
            "#ff9da6", "#9d755d", "#bab0ac"]
 REFERENCE_COLOR = "#333333"
 STEP_TITLE = "optimizer step"
 MODULE_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "w_0", "w_1", "w_2"]
-DEFAULT_HEADLINE = ["train_loss", "bpb", "blimp", "blimp_balanced", "per/weight/w_2",
-                    "condition_number/weight/w_2"]
+DEFAULT_HEADLINE = ["train_loss", "bits_per_byte", "blimp", "blimp_balanced",
+                    "proportional_effective_rank/weight/w_2", "condition_number/weight/w_2"]
 METRIC_LABELS = {"train_loss": "training loss (nats/token)",
                  "train_loss_smoothed": "training loss, smoothed (nats/token)",
-                 "bpb": "held-out bits per byte", "ppl": "held-out perplexity",
-                 "ppl_doc_mean": "held-out perplexity (document mean)",
+                 "bits_per_byte": "held-out bits per byte", "perplexity": "held-out perplexity",
+                 "perplexity_doc_mean": "held-out perplexity (document mean)",
                  "blimp": "BLiMP accuracy", "blimp_balanced": "BLiMP, balanced paradigms",
-                 "per/weight/w_2": "PER of w_2 weights",
+                 "proportional_effective_rank/weight/w_2": "PER of w_2 weights",
                  "condition_number/weight/w_2": "condition number of w_2 weights"}
 
 
@@ -232,7 +233,7 @@ def heldout_bpb(ctx: Context):
 
     title = "Held-out bits per byte"
     data = ctx.rows("""
-        SELECT size, condition, seed, step, domain, bpb FROM perplexity
+        SELECT size, condition, seed, step, domain, bits_per_byte FROM perplexity
         UNION ALL
         SELECT size, condition, seed, step, 'all domains', sum(nll) / (ln(2) * sum("bytes"))
         FROM perplexity GROUP BY size, condition, seed, step
@@ -243,9 +244,9 @@ def heldout_bpb(ctx: Context):
         r["size"] = ctx.size_label(r["size"])
     domains = ["all domains"] + sorted({r["domain"] for r in data} - {"all domains"})
     base = alt.Chart().encode(
-        x=_step(), y=alt.Y("bpb:Q", title="bits per byte", scale=alt.Scale(type="log", nice=False, padding=6)),
+        x=_step(), y=alt.Y("bits_per_byte:Q", title="bits per byte", scale=alt.Scale(type="log", nice=False, padding=6)),
         color=ctx.color(), detail=_seed_detail(),
-        tooltip=["condition:N", "seed:N", "domain:N", "step:Q", alt.Tooltip("bpb:Q", format=".4f")])
+        tooltip=["condition:N", "seed:N", "domain:N", "step:Q", alt.Tooltip("bits_per_byte:Q", format=".4f")])
     chart = alt.layer(base.mark_line(strokeWidth=1.2), base.mark_point(size=18, filled=True, opacity=1),
                       data=ctx.data(data)).properties(width=200, height=160)
     return chart.facet(column=alt.Column("domain:N", title="evaluation domain", sort=domains),
@@ -528,8 +529,8 @@ def _dynamics(ctx: Context, title: str, metric: str, target: str, y_title: str,
 
 
 def per_weight(ctx):
-    return _dynamics(ctx, "Proportional effective rank (PER) of the weights", "per", "weight",
-                     "PER (erank / min dim)", note="; the effective weight W + scale·BA for ReLoRA")
+    return _dynamics(ctx, "Proportional effective rank (PER) of the weights", PROPORTIONAL_EFFECTIVE_RANK, "weight",
+                     "PER (effective rank / min dim)", note="; the effective weight W + scale·BA for ReLoRA")
 
 
 def condition_number_weight(ctx):
@@ -538,19 +539,19 @@ def condition_number_weight(ctx):
 
 
 def per_update(ctx):
-    return _dynamics(ctx, "PER of the cumulative update W_t − W_0", "per", "update",
-                     "PER (erank / min dim)", note="; undefined at step 0 (all-zero update)")
+    return _dynamics(ctx, "PER of the cumulative update W_t − W_0", PROPORTIONAL_EFFECTIVE_RANK, "update",
+                     "PER (effective rank / min dim)", note="; undefined at step 0 (all-zero update)")
 
 
 def per_adapter(ctx):
-    return _dynamics(ctx, "PER of the adapter update scale·BA (ReLoRA only)", "per", "adapter",
-                     "PER (erank / min dim)",
+    return _dynamics(ctx, "PER of the adapter update scale·BA (ReLoRA only)", PROPORTIONAL_EFFECTIVE_RANK, "adapter",
+                     "PER (effective rank / min dim)",
                      note="; undefined right after a reset (all-zero adapter)", caps=True)
 
 
 def per_gradient(ctx):
-    return _dynamics(ctx, "PER of the gradient on the probe batch", "per", "gradient",
-                     "PER (erank / min dim)", note="; gradient of the effective weight")
+    return _dynamics(ctx, "PER of the gradient on the probe batch", PROPORTIONAL_EFFECTIVE_RANK, "gradient",
+                     "PER (effective rank / min dim)", note="; gradient of the effective weight")
 
 
 def _merges(ctx: Context) -> list[dict]:
@@ -567,7 +568,7 @@ def rank_around_merges(ctx: Context):
     title = "PER of w_2 around ReLoRA merges: frozen base W and effective weight"
     data = ctx.rows("""
         SELECT 'run' AS kind, size, condition, seed, step, target, avg(value) AS value
-        FROM dynamics WHERE metric = 'per' AND module = 'w_2' AND target IN ('base', 'weight')
+        FROM dynamics WHERE metric = 'proportional_effective_rank' AND module = 'w_2' AND target IN ('base', 'weight')
               AND NOT isnan(value)
         GROUP BY size, condition, seed, step, target ORDER BY size, condition, seed, target, step""")
     if not any(r["target"] == "base" for r in data):

@@ -598,25 +598,12 @@ def _progress_bar(start: int, total: int):
 
 
 def write_metrics(rows: list[dict], run: dict, path: Path) -> None:
-    """train_metrics.parquet: one row per optimizer step (docs/design.md, Tables), written
+    """train_metrics.parquet: one row per optimizer step (relora.tables.TRAIN_METRICS), written
     atomically."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from .tables import TRAIN_METRICS, write_table
 
-    table = pa.table({
-        "size": [run["size"]] * len(rows),
-        "condition": [run["condition"]] * len(rows),
-        "seed": pa.array([run["seed"]] * len(rows), pa.int64()),
-        "step": pa.array([r["step"] for r in rows], pa.int64()),
-        "tokens": pa.array([r["tokens"] for r in rows], pa.int64()),
-        "loss": pa.array([r["loss"] for r in rows], pa.float64()),
-        "lr": pa.array([r["lr"] for r in rows], pa.float64()),
-        "grad_norm": pa.array([r["grad_norm"] for r in rows], pa.float64()),
-        "tokens_per_s": pa.array([r["tokens_per_s"] for r in rows], pa.float64()),
-        "merged": pa.array([r["merged"] for r in rows], pa.bool_()),
-    })
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+    keys = {"size": run["size"], "condition": run["condition"], "seed": run["seed"]}
+    write_table(TRAIN_METRICS, [{**keys, **row} for row in rows], path)
 
 
 def train(run: dict, data_dir, out_dir, resume_dir, threads=None, progress=None, stop_after=None) -> dict:

@@ -131,5 +131,5 @@ def complete_file(path: Path) -> bool:
 
 
 def temporary_leftovers(folder: Path) -> list[Path]:
-    """Temporary files of the atomic writers (.NAME.tmp<pid>, .NAME.<pid>.tmp) in a folder."""
+    """Temporary files of the atomic writers (.NAME.tmp<pid>, and DuckDB's .NAME.tmp<pid>.wal) in a folder."""
     return sorted(p for p in folder.iterdir() if p.name.startswith(".") and ".tmp" in p.name)

@@ -88,7 +88,7 @@ def final_train_loss(size: str, condition: str, seed: int) -> float:
     return train_loss(size, condition, seed, STEPS)
 
 
-def bpb(size: str, condition: str, seed: int, step: int, domain: str) -> float:
+def bits_per_byte(size: str, condition: str, seed: int, step: int, domain: str) -> float:
     return (train_loss(size, condition, seed, step) + DOMAINS[domain]) / math.log(2) / 4
 
 
@@ -219,7 +219,7 @@ def write_run(run_dir: Path, run: dict, files=("run.json", "train_metrics", "dyn
                         else:
                             per, cond = 0.5 + 0.3 * step / STEPS, 50.0 + step
                         rank = 0 if math.isnan(per) else (8 if target == "adapter" else k)
-                        for metric, value in (("per", per), ("erank", per * k),
+                        for metric, value in (("proportional_effective_rank", per), ("effective_rank", per * k),
                                               ("condition_number", cond), ("numerical_rank", rank),
                                               ("frobenius_norm", 1.0 + step / STEPS),
                                               ("spectral_norm", 0.5 + step / STEPS)):
@@ -232,22 +232,24 @@ def write_run(run_dir: Path, run: dict, files=("run.json", "train_metrics", "dyn
                     1.0 if step == STEPS else 0.3 + 0.6 * step / STEPS + 0.05 * layer)
         _write(keyed(rows), run_dir / "dynamics.parquet")
     if "perplexity" in files:
-        cols = {c: [] for c in ("step", "domain", "tokens", "bytes", "nll", "ppl", "bpb", "ppl_doc_mean")}
+        cols = {c: [] for c in ("step", "domain", "docs", "tokens", "bytes", "nll", "perplexity", "bits_per_byte",
+                                "perplexity_doc_mean")}
         for step in eval_steps:
             for domain in DOMAINS:
                 tokens, nbytes = 10000, 40000
-                b = bpb(size, condition, seed, step, domain)
+                b = bits_per_byte(size, condition, seed, step, domain)
                 nll = b * math.log(2) * nbytes
-                for c, v in zip(cols, (step, domain, tokens, nbytes, nll, math.exp(nll / tokens), b,
+                for c, v in zip(cols, (step, domain, 50, tokens, nbytes, nll, math.exp(nll / tokens), b,
                                        1.1 * math.exp(nll / tokens))):
                     cols[c].append(v)
         _write(keyed(cols), run_dir / "perplexity.parquet")
     if "blimp" in files:
-        cols = {c: [] for c in ("step", "uid", "phenomenon", "field", "pairs", "accuracy", "source")}
+        cols = {c: [] for c in ("step", "uid", "phenomenon", "field", "pairs", "correct", "accuracy", "source")}
         for step in eval_steps:
             for i, (uid, phenomenon, field, _) in enumerate(PARADIGMS):
-                for c, v in zip(cols, (step, uid, phenomenon, field, PAIRS,
-                                       blimp_accuracy(size, condition, seed, step, i), "blimp")):
+                accuracy = blimp_accuracy(size, condition, seed, step, i)
+                for c, v in zip(cols, (step, uid, phenomenon, field, PAIRS, round(accuracy * PAIRS), accuracy,
+                                       "blimp")):
                     cols[c].append(v)
         _write(keyed(cols), run_dir / "blimp.parquet")
 

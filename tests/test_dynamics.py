@@ -6,7 +6,8 @@ import torch
 from relora.dynamics import (TARGETS, analyse_checkpoints, batched_singular_values, linear_cka,
                              matrix_metrics, probe_gradients_and_activations, snapshot_targets,
                              spectra_rows, spectrum_metrics, tolerance)
-from relora.evaluate import linear_key, load_snapshot
+from relora.checkpoint import load_snapshot
+from relora.evaluate import linear_key
 from test_evaluate import make_model, relora_adapters, save_checkpoint, tiny_config
 
 
@@ -16,7 +17,7 @@ from test_evaluate import make_model, relora_adapters, save_checkpoint, tiny_con
 def test_identity_has_full_rank_per_one_and_condition_one():
     m = matrix_metrics(torch.eye(8))
     assert m["numerical_rank"] == 8
-    assert m["erank"] == pytest.approx(8) and m["per"] == pytest.approx(1.0)
+    assert m["effective_rank"] == pytest.approx(8) and m["proportional_effective_rank"] == pytest.approx(1.0)
     assert m["condition_number"] == pytest.approx(1.0)
     assert m["spectral_norm"] == pytest.approx(1.0) and m["frobenius_norm"] == pytest.approx(math.sqrt(8))
 
@@ -26,18 +27,18 @@ def test_rank_one_matrix():
     M = torch.outer(torch.randn(12), torch.randn(5))  # float32 storage: rounding noise must not count
     m = matrix_metrics(M)
     assert m["numerical_rank"] == 1
-    assert m["erank"] == pytest.approx(1.0, abs=1e-6)
+    assert m["effective_rank"] == pytest.approx(1.0, abs=1e-6)
     assert m["condition_number"] == math.inf
 
 
 def test_zero_matrix_has_rank_zero_and_nan_metrics():
     m = matrix_metrics(torch.zeros(6, 4))
     assert m["numerical_rank"] == 0
-    assert math.isnan(m["erank"]) and math.isnan(m["per"]) and math.isnan(m["condition_number"])
+    assert math.isnan(m["effective_rank"]) and math.isnan(m["proportional_effective_rank"]) and math.isnan(m["condition_number"])
     assert m["frobenius_norm"] == 0 and m["spectral_norm"] == 0
 
 
-def test_known_spectrum_gives_exact_erank():
+def test_known_spectrum_gives_exact_effective_rank():
     torch.manual_seed(1)
     sigma = torch.tensor([4.0, 2.0, 1.0, 1.0], dtype=torch.float64)
     U, _ = torch.linalg.qr(torch.randn(7, 4, dtype=torch.float64))
@@ -46,8 +47,8 @@ def test_known_spectrum_gives_exact_erank():
     p = sigma / sigma.sum()
     expected = math.exp(-float((p * p.log()).sum()))
     m = matrix_metrics(M)
-    assert m["erank"] == pytest.approx(expected, rel=1e-12)
-    assert m["per"] == pytest.approx(expected / 4, rel=1e-12)
+    assert m["effective_rank"] == pytest.approx(expected, rel=1e-12)
+    assert m["proportional_effective_rank"] == pytest.approx(expected / 4, rel=1e-12)
     assert m["condition_number"] == pytest.approx(4.0, rel=1e-12)
     assert m["frobenius_norm"] == pytest.approx(math.sqrt(16 + 4 + 1 + 1), rel=1e-12)
 
@@ -59,8 +60,8 @@ def test_tolerance_follows_the_stored_dtype_and_the_given_scale():
     assert spectrum_metrics(sigma, torch.tensor([tolerance(3, torch.bfloat16, 1.0)]))["numerical_rank"].item() == 1
     # values AT the tolerance count as zero
     assert spectrum_metrics(sigma, torch.tensor([1e-5], dtype=torch.float64))["numerical_rank"].item() == 1
-    # erank only sees the kept values: [1, 0, 0] -> 1
-    assert spectrum_metrics(sigma, torch.tensor([1e-5], dtype=torch.float64))["erank"].item() == pytest.approx(1.0)
+    # the effective rank only sees the kept values: [1, 0, 0] -> 1
+    assert spectrum_metrics(sigma, torch.tensor([1e-5], dtype=torch.float64))["effective_rank"].item() == pytest.approx(1.0)
 
 
 def test_cka_invariances():
@@ -150,8 +151,8 @@ def test_update_is_zero_at_step_zero_and_adapter_zero_after_reset(tmp_path):
     rows = spectra_rows(items, extra)
     for target in ("update", "adapter"):
         ranks = [r["value"] for r in rows if r["target"] == target and r["metric"] == "numerical_rank"]
-        eranks = [r["value"] for r in rows if r["target"] == target and r["metric"] == "erank"]
-        assert ranks and all(v == 0 for v in ranks) and all(math.isnan(v) for v in eranks)
+        effective_ranks = [r["value"] for r in rows if r["target"] == target and r["metric"] == "effective_rank"]
+        assert ranks and all(v == 0 for v in ranks) and all(math.isnan(v) for v in effective_ranks)
     weight_ranks = [r["value"] for r in rows if r["target"] == "weight" and r["metric"] == "numerical_rank"]
     assert all(v > 0 for v in weight_ranks)
 
@@ -165,7 +166,7 @@ def test_adapter_rank_is_the_lora_rank(tmp_path):
     rows = spectra_rows(items, extra)
     ranks = {r["value"] for r in rows if r["metric"] == "numerical_rank"}
     assert ranks == {4.0}
-    pers = [r["value"] for r in rows if r["metric"] == "per"]
+    pers = [r["value"] for r in rows if r["metric"] == "proportional_effective_rank"]
     assert all(p <= 4 / 8 + 1e-12 for p in pers)  # capped at r / k (k = 8 for k/v, 24 otherwise)
 
 
@@ -238,7 +239,7 @@ def test_base_is_the_frozen_weight_and_weight_the_effective_one(tmp_path):
     assert got[("weight", "spectral_norm")] == pytest.approx(15.0, rel=1e-6)
     assert got[("weight", "condition_number")] == pytest.approx(15.0, rel=1e-5)
     p = sigma_w / sigma_w.sum()
-    assert got[("base", "erank")] == pytest.approx(math.exp(-float((p * p.log()).sum())), rel=1e-6)
+    assert got[("base", "effective_rank")] == pytest.approx(math.exp(-float((p * p.log()).sum())), rel=1e-6)
     assert got[("adapter", "numerical_rank")] == 1
     # a linear without adapter: base and weight rows identical, whatever the matrix
     full = tmp_path / "full"
@@ -251,8 +252,8 @@ def test_base_is_the_frozen_weight_and_weight_the_effective_one(tmp_path):
     assert base[(0, "q_proj", "spectral_norm")] == pytest.approx(5.0, rel=1e-6)
     # `base` alone (no weight target) is computed, not copied
     alone = analyse_checkpoints({3: lambda: load_snapshot(full)}, None, targets=("base",), cka=False)
-    assert {(r["layer"], r["module"], r["metric"]): r["value"] for r in alone if r["metric"] != "erank"} == \
-        pytest.approx({k: v for k, v in base.items() if k[2] != "erank"}, rel=1e-12)
+    assert {(r["layer"], r["module"], r["metric"]): r["value"] for r in alone if r["metric"] != "effective_rank"} == \
+        pytest.approx({k: v for k, v in base.items() if k[2] != "effective_rank"}, rel=1e-12)
 
 
 @pytest.mark.parametrize("top, expected", [([4.0, 3.0, 2.0, 0.5], 8.0), ([4.0, 3.0, 2.0, 0.0], math.nan)])

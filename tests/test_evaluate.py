@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from relora.evaluate import (LINEAR_PARENTS, blimp_scores, blimp_summary, linear_key, load_snapshot,
-                             read_blimp, score_documents, score_sentence_naive, score_sentences,
-                             score_sequences, sliding_windows)
+from relora.checkpoint import load_snapshot
+from relora.evaluate import (LINEAR_PARENTS, blimp_scores, blimp_summary, linear_key, read_blimp,
+                             score_documents, score_sentence_naive, score_sentences, score_sequences,
+                             sliding_windows)
 from relora.model import ModelConfig, PicoDecoder
 
 # ---------------------------------------------------------------- helpers (also used by test_dynamics*)
@@ -81,9 +82,9 @@ def test_uniform_model_has_perplexity_vocab_size():
     score = score_documents(model, docs, n_bytes, stride=5)
     assert score.tokens == 0 + 1 + 4 + 15 + 39
     assert score.nll == pytest.approx(score.tokens * math.log(128), rel=1e-6)
-    assert score.ppl == pytest.approx(128, rel=1e-6)
-    assert score.ppl_doc_mean == pytest.approx(128, rel=1e-6)
-    assert score.bpb == pytest.approx(score.tokens * math.log2(128) / sum(n_bytes), rel=1e-6)
+    assert score.perplexity == pytest.approx(128, rel=1e-6)
+    assert score.perplexity_doc_mean == pytest.approx(128, rel=1e-6)
+    assert score.bits_per_byte == pytest.approx(score.tokens * math.log2(128) / sum(n_bytes), rel=1e-6)
     assert score.docs == 4  # a one-token document predicts nothing
 
 
@@ -203,6 +204,28 @@ def test_huggingface_relora_folder_takes_the_runs_scale(tmp_path):
     key = linear_key(0, "v_proj")
     torch.testing.assert_close(snap.adapter(0, "v_proj"),
                                2.0 * adapters[f"{key}.B_lora"].double() @ adapters[f"{key}.A_lora"].double())
+
+
+def test_a_verified_checkpoint_is_not_hashed_again_until_it_changes(tmp_path, monkeypatch):
+    from relora import checkpoint
+
+    path = save_checkpoint(tmp_path / "step_0", make_model(tiny_config()), step=0)
+    meta = json.loads((path / "config.json").read_text())
+    meta["sha256"] = checkpoint.sha256_file(path / "model.safetensors")
+    (path / "config.json").write_text(json.dumps(meta))
+    hashed, real = [], checkpoint.sha256_file
+    monkeypatch.setattr(checkpoint, "sha256_file", lambda p: hashed.append(p) or real(p))
+    load_snapshot(path)
+    assert len(hashed) == 1  # one load, one hash (the reader checks once)
+    verified = checkpoint.verify_weights(path)
+    load_snapshot(path, verified=verified)
+    load_snapshot(path, verified=verified)
+    assert len(hashed) == 2  # the verification; the loads trust it
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])  # changed since: hashed again, and refused
+    with pytest.raises(checkpoint.CheckpointError, match="sha256 differs from config.json"):
+        load_snapshot(path, verified=verified)
+    assert len(hashed) == 3
 
 
 def test_checkpoint_not_matching_the_config_is_named(tmp_path):

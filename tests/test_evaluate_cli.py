@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -12,6 +13,7 @@ import yaml
 
 from relora.cli import main
 from relora.config import load_study, model_config, resolve_run
+from relora.tables import PERPLEXITY
 from test_evaluate import make_model, relora_adapters, save_checkpoint, train_tokenizer
 
 BLIMP_UIDS = ("anaphor_gender_agreement", "determiner_noun_agreement_1")
@@ -75,13 +77,12 @@ def test_evaluate_and_dynamics_write_the_contract_tables(tmp_path, data_dir, con
     args = ["--config", str(config_path), "--data", str(data_dir), "--run", str(run_dir), "--threads", "1"]
     assert main(["evaluate", *args]) == 0
     ppl = pq.read_table(run_dir / "perplexity.parquet").to_pylist()
-    assert {"size", "condition", "seed", "step", "domain", "tokens", "bytes", "nll", "ppl", "bpb",
-            "ppl_doc_mean"} <= set(ppl[0])
+    assert list(ppl[0]) == PERPLEXITY.names
     assert {(r["step"], r["domain"]) for r in ppl} == {(s, d) for s in (0, 2, 4) for d in ("wiki", "code")}
     wiki = next(r for r in ppl if r["domain"] == "wiki")
     assert wiki["tokens"] == 4 + 49 + 11 and wiki["bytes"] == 3 * 64 and wiki["docs"] == 3
-    assert wiki["ppl"] == pytest.approx(math.exp(wiki["nll"] / wiki["tokens"]))
-    assert wiki["bpb"] == pytest.approx(wiki["nll"] / (math.log(2) * wiki["bytes"]))
+    assert wiki["perplexity"] == pytest.approx(math.exp(wiki["nll"] / wiki["tokens"]))
+    assert wiki["bits_per_byte"] == pytest.approx(wiki["nll"] / (math.log(2) * wiki["bytes"]))
     assert wiki["condition"] == condition and wiki["size"] == "nano" and wiki["seed"] == 0
     blimp = pq.read_table(run_dir / "blimp.parquet").to_pylist()
     assert {(r["step"], r["uid"]) for r in blimp} == {(s, u) for s in (0, 2, 4) for u in BLIMP_UIDS}
@@ -98,6 +99,27 @@ def test_evaluate_and_dynamics_write_the_contract_tables(tmp_path, data_dir, con
     assert final_cka == pytest.approx([1.0, 1.0])
     update0 = [r["value"] for r in dyn if r["step"] == 0 and r["target"] == "update" and r["metric"] == "numerical_rank"]
     assert update0 and set(update0) == {0.0}
+
+
+def test_each_checkpoint_is_hashed_once_per_stage(tmp_path, data_dir, monkeypatch):
+    """A stage verifies every checkpoint before its first metric and then loads each (dynamics
+    loads the final step twice, for CKA): one sha256 per checkpoint, not one per load."""
+    from relora import checkpoint
+
+    config_path, run_dir, run = make_run(tmp_path, "relora")
+    steps = run["steps"]["checkpoint"]
+    for step in steps:  # record the sha256 as the trainer does
+        folder = run_dir / "checkpoints" / f"step_{step}"
+        meta = json.loads((folder / "config.json").read_text())
+        meta["sha256"] = checkpoint.sha256_file(folder / "model.safetensors")
+        (folder / "config.json").write_text(json.dumps(meta))
+    hashed, real = [], checkpoint.sha256_file
+    monkeypatch.setattr(checkpoint, "sha256_file", lambda path: hashed.append(Path(path).parent.name) or real(path))
+    args = ["--config", str(config_path), "--data", str(data_dir), "--run", str(run_dir), "--threads", "1"]
+    for command in ("evaluate", "dynamics"):
+        hashed.clear()
+        assert main([command, *args]) == 0
+        assert sorted(hashed) == sorted(f"step_{s}" for s in steps), command  # steps 0, 2, 4: once each
 
 
 def test_paper_huggingface_checkpoints_go_through_the_same_commands(tmp_path, data_dir):
@@ -145,7 +167,7 @@ def test_bad_inputs_are_named(tmp_path, data_dir, capsys):
 
 def test_checkpoint_written_by_the_trainer_loads(tmp_path):
     checkpoint = pytest.importorskip("relora.checkpoint")
-    from relora.evaluate import load_snapshot
+    from relora.checkpoint import load_snapshot
     from test_evaluate import tiny_config
 
     config = tiny_config()
@@ -181,7 +203,7 @@ def test_commands_on_a_run_trained_by_relora_train(tmp_path, data_dir, condition
     args = ["--config", str(config_path), "--data", str(data_dir), "--run", str(run_dir), "--threads", "1"]
     assert main(["evaluate", *args]) == 0 and main(["dynamics", *args]) == 0
     ppl = pq.read_table(run_dir / "perplexity.parquet").to_pylist()
-    assert all(math.isfinite(r["ppl"]) and r["ppl"] > 1 for r in ppl)
+    assert all(math.isfinite(r["perplexity"]) and r["perplexity"] > 1 for r in ppl)
     dyn = pq.read_table(run_dir / "dynamics.parquet").to_pylist()
     adapter_steps = {r["step"] for r in dyn if r["target"] == "adapter"}
     # adapters exist from the wrap on (step 3 for the warm start, so not at steps 0 and 2)
@@ -212,7 +234,7 @@ def test_hf_repo_downloads_the_missing_steps(tmp_path, data_dir, monkeypatch):
         import shutil
 
         calls.append((repo_id, revision))
-        shutil.copytree(served / f"step_{revision[1:]}", local_dir)
+        shutil.copytree(served / f"step_{revision[1:]}", local_dir, dirs_exist_ok=True)  # as the hub: into a folder
         return local_dir
 
     fake = types.SimpleNamespace(HfApi=lambda: types.SimpleNamespace(list_repo_commits=lambda repo_id, revision: commits),

@@ -313,7 +313,7 @@ def test_failed_write_leaves_the_old_results_whole(results, monkeypatch, capsys,
         def full(*args, **kwargs):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        monkeypatch.setattr("relora.results._statistics", full)
+        monkeypatch.setattr("relora.statistics.add_statistics", full)
     else:
         _partial_then_full(monkeypatch, "write_text", Path(target).name)  # SVG, HTML: text
     assert main(commands[target]) == 2

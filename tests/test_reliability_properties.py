@@ -139,7 +139,7 @@ def spectra(draw):
 
 def assert_same_metrics(a: dict, b: dict):
     assert a["numerical_rank"] == b["numerical_rank"]
-    for key in ("erank", "per", "condition_number", "spectral_norm", "frobenius_norm"):
+    for key in ("effective_rank", "proportional_effective_rank", "condition_number", "spectral_norm", "frobenius_norm"):
         if math.isnan(a[key]) or math.isinf(a[key]):
             assert (math.isnan(a[key]) and math.isnan(b[key])) or a[key] == b[key], key
         else:

@@ -10,7 +10,8 @@ from scipy import stats
 
 import synthetic_runs as syn
 from relora import results
-from relora.results import CONTRACT, aggregate
+from relora.results import aggregate
+from relora.tables import DATABASE, RUN_FILES
 
 
 
@@ -47,13 +48,33 @@ def test_tables_and_views_follow_the_contract(db):
                  "metric_summary", "gap_stats", "blimp_tests", "study"):
         assert tables[name] == "BASE TABLE", name
     assert tables["final"] == "VIEW" and tables["gap"] == "VIEW"
-    for name, contract in CONTRACT.items():
-        assert columns(db, name)[:3] == ["size", "condition", "seed"]
-        assert set(contract) <= set(columns(db, name)), name
+    for name, table in RUN_FILES.items():
+        assert columns(db, name) == table.names, name  # the declared columns, in order
+    for name, table in DATABASE.items():
+        if name != "runs":  # runs: the declared columns, then the flattened config
+            assert columns(db, name) == table.names, name
     assert columns(db, "runs")[:6] == ["size", "condition", "seed", "method", "params_total",
                                        "params_trainable"]
     assert columns(db, "gap")[:9] == ["size", "condition", "metric", "reference", "mean_diff",
                                       "ci_low", "ci_high", "p_value", "n_seeds"]
+
+
+def test_every_table_view_and_column_of_the_database_is_explained(db):
+    """DESCRIBE / duckdb_columns() explain the database: a non-empty comment on every table, view
+    and column, the flattened run config's naming its config key."""
+    objects = dict(db.execute("SELECT table_name, comment FROM duckdb_tables() WHERE NOT internal "
+                              "UNION ALL SELECT view_name, comment FROM duckdb_views() WHERE NOT internal").fetchall())
+    assert set(objects) == set(DATABASE) and all(c and c.strip() for c in objects.values()), objects
+    assert objects["final"] == DATABASE["final"].comment
+    comments = {(t, c): comment for t, c, comment in db.execute(
+        "SELECT table_name, column_name, comment FROM duckdb_columns() WHERE NOT internal").fetchall()}
+    assert {t for t, _ in comments} == set(DATABASE)
+    unexplained = [key for key, comment in comments.items() if not (comment and comment.strip())]
+    assert unexplained == []
+    assert comments[("perplexity", "bits_per_byte")] == DATABASE["perplexity"].column("bits_per_byte").comment
+    assert comments[("gap", "p_value")] == DATABASE["gap"].column("p_value").comment
+    assert "model.d_model" in comments[("runs", "model_d_model")]
+    assert "training.schedule.name" in comments[("runs", "training_schedule_name")]
 
 
 def test_row_counts_and_keys_from_the_hive_path(db):
@@ -79,17 +100,17 @@ def test_final_view_values(db):
     assert r["value"] == pytest.approx(syn.final_train_loss("small", "relora", 1))
     window = [syn.train_loss("tiny", "full", 0, k) for k in range(syn.STEPS - 9, syn.STEPS + 1)]
     assert final[("tiny", "full", 0, "train_loss_smoothed")]["value"] == pytest.approx(np.mean(window))
-    assert final[("tiny", "full", 0, "bpb/wiki")]["value"] == pytest.approx(
-        syn.bpb("tiny", "full", 0, syn.STEPS, "wiki"))
-    pooled = np.mean([syn.bpb("tiny", "full", 0, syn.STEPS, d) for d in syn.DOMAINS])  # equal bytes
-    assert final[("tiny", "full", 0, "bpb")]["value"] == pytest.approx(pooled)
+    assert final[("tiny", "full", 0, "bits_per_byte/wiki")]["value"] == pytest.approx(
+        syn.bits_per_byte("tiny", "full", 0, syn.STEPS, "wiki"))
+    pooled = np.mean([syn.bits_per_byte("tiny", "full", 0, syn.STEPS, d) for d in syn.DOMAINS])  # equal bytes
+    assert final[("tiny", "full", 0, "bits_per_byte")]["value"] == pytest.approx(pooled)
     accs = [syn.blimp_accuracy("small", "relora-paper", 0, syn.STEPS, i) for i in range(len(syn.PARADIGMS))]
     assert final[("small", "relora-paper", 0, "blimp")]["value"] == pytest.approx(np.mean(accs))
     assert final[("small", "relora-paper", 0, "blimp")]["n"] == syn.PAIRS * len(syn.PARADIGMS)
     assert final[("small", "relora-paper", 0, "blimp/anaphor_agreement")]["value"] == pytest.approx(np.mean(accs[:2]))
     per = [syn.weight_per("tiny", "relora", 0, syn.STEPS, "w_2", layer) for layer in range(syn.N_LAYERS)]
-    assert final[("tiny", "relora", 0, "per/weight/w_2")]["value"] == pytest.approx(np.mean(per))
-    assert ("tiny", "full", 0, "per/adapter") not in final
+    assert final[("tiny", "relora", 0, "proportional_effective_rank/weight/w_2")]["value"] == pytest.approx(np.mean(per))
+    assert ("tiny", "full", 0, "proportional_effective_rank/adapter") not in final
     assert final[("tiny", "relora", 0, "condition_number/adapter")]["value"] == math.inf
 
 
@@ -180,7 +201,7 @@ def test_one_seed_gives_nan_p_and_point_gaps(tmp_path):
     # one seed: no test over seeds, but the paradigms still give the headline BLiMP test
     assert math.isnan(blimp["seed_p_value"]) and 0 < blimp["p_value"] < 1
     assert blimp["ci_low"] < blimp["mean_diff"] < blimp["ci_high"]
-    s = rows(con, "SELECT * FROM metric_summary WHERE metric='bpb' LIMIT 1")[0]
+    s = rows(con, "SELECT * FROM metric_summary WHERE metric='bits_per_byte' LIMIT 1")[0]
     assert s["n_seeds"] == 1 and math.isnan(s["std"])
 
 
@@ -195,14 +216,14 @@ def test_missing_files_and_explicit_run_dirs(tmp_path):
     run = rows(con, "SELECT * FROM runs WHERE condition='full'")[0]
     assert run["method"] == "full" and run["params_total"] is None and run["run_json"] is None
     metrics = {r["metric"] for r in rows(con, "SELECT metric FROM gap")}
-    assert "train_loss" in metrics and "blimp" not in metrics and "bpb" not in metrics
+    assert "train_loss" in metrics and "blimp" not in metrics and "bits_per_byte" not in metrics
 
 
 def test_a_run_set_without_some_table_still_has_it(tmp_path):
     missing = {("tiny", "full", 0): ["blimp"]}
     syn.write_synthetic_study(tmp_path, sizes=("tiny",), conditions=("full",), seeds=(0,), missing=missing)
     con = duckdb.connect(str(aggregate(tmp_path, None, tmp_path / "s.duckdb")), read_only=True)
-    assert set(CONTRACT["blimp"]) <= set(columns(con, "blimp"))
+    assert columns(con, "blimp") == RUN_FILES["blimp"].names
     assert con.execute("SELECT count(*) FROM gap").fetchall()[0][0] == 0
     assert rows(con, "SELECT * FROM study")[0]["reference_condition"] == "full"
 
@@ -329,7 +350,8 @@ def _blimp_run(root, condition, accuracies, pairs=100, seed=0):
     uids = ["p0", "p1", "p2"]
     pq.write_table(pa.table({"step": [0] * 3 + [100] * 3, "uid": uids * 2,
                              "phenomenon": ["a", "a", "b"] * 2, "field": ["syntax"] * 6,
-                             "pairs": [pairs] * 6, "accuracy": [0.5] * 3 + list(accuracies),
+                             "pairs": [pairs] * 6, "correct": [round(a * pairs) for a in [0.5] * 3 + list(accuracies)],
+                             "accuracy": [0.5] * 3 + list(accuracies),
                              "source": ["generated"] * 6}), run / "blimp.parquet")
 
 
@@ -401,8 +423,8 @@ def test_relora_sql_queries_the_database_read_only(db, study_dir, capsys):
     from relora.cli import main
 
     path = study_dir[0] / "study.duckdb"
-    expected = rows(db, "SELECT count(*) AS n FROM gap WHERE metric = 'bpb'")[0]["n"]
-    assert main(["sql", str(path), "SELECT count(*) AS n FROM gap WHERE metric = 'bpb'", "--csv"]) == 0
+    expected = rows(db, "SELECT count(*) AS n FROM gap WHERE metric = 'bits_per_byte'")[0]["n"]
+    assert main(["sql", str(path), "SELECT count(*) AS n FROM gap WHERE metric = 'bits_per_byte'", "--csv"]) == 0
     assert capsys.readouterr().out.splitlines() == ["n", str(expected)]
     assert main(["sql", str(path), "DROP VIEW gap"]) == 2
     assert "read-only" in capsys.readouterr().err

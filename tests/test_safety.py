@@ -419,8 +419,8 @@ def test_aggregate_sweeps_temporaries_of_dead_writers_only(tmp_path):
     dead.wait()
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        leftovers = [root / f".study.duckdb.{dead.pid}.tmp", root / f".study.duckdb.{dead.pid}.tmp.wal"]
-        live = [root / f".study.duckdb.{alive.pid}.tmp", root / f".study.duckdb.{alive.pid}.tmp.wal"]
+        leftovers = [root / f".study.duckdb.tmp{dead.pid}", root / f".study.duckdb.tmp{dead.pid}.wal"]
+        live = [root / f".study.duckdb.tmp{alive.pid}", root / f".study.duckdb.tmp{alive.pid}.wal"]
         for path in leftovers + live:
             path.write_bytes(b"x")
         aggregate(root, study, root / "study.duckdb")

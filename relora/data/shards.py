@@ -205,18 +205,12 @@ def build_shards(data: dict, corpus_dir: str | os.PathLike, tokenizer_path: str 
 
 
 def _write_eval(path: Path, rows: dict) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """eval/<domain>.parquet (relora.tables.EVAL_DOCUMENTS) from columns of equal length."""
+    from ..tables import EVAL_DOCUMENTS, write_table
 
-    table = pa.table({
-        "doc_id": pa.array(rows["doc_id"], pa.string()),
-        "source": pa.array(rows["source"], pa.string()),
-        "tokens": pa.array(rows["tokens"], pa.list_(pa.int32())),
-        "n_bytes": pa.array(rows["n_bytes"], pa.int64()),
-    })
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
-    return path
+    names = EVAL_DOCUMENTS.names
+    return write_table(EVAL_DOCUMENTS, [dict(zip(names, values)) for values in zip(*(rows[c] for c in names))],
+                       path)
 
 
 def check_eval_columns(table, path) -> None:

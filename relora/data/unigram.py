@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 
 UNIGRAM_FILE = "blimp_unigram.parquet"
-UNIGRAM_COLUMNS = ["uid", "phenomenon", "field", "baseline", "pairs", "correct", "accuracy", "source"]
 SMOOTHING = "add-one"
 BALANCED_RANGE = (0.35, 0.65)
 
@@ -116,17 +115,11 @@ def outside_range(rows: list[dict], low: float = BALANCED_RANGE[0],
 
 
 def write_unigram_table(rows: list[dict], path: str | os.PathLike) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """blimp_unigram.parquet: the table `blimp_baselines` of the study database
+    (relora.tables.BLIMP_BASELINES)."""
+    from ..tables import BLIMP_BASELINES, write_table
 
-    from .manifest import atomic_path
-
-    types = {"pairs": pa.int64(), "correct": pa.int64(), "accuracy": pa.float64()}
-    schema = pa.schema([(c, types.get(c, pa.string())) for c in UNIGRAM_COLUMNS])
-    table = pa.Table.from_pylist([{c: r.get(c) for c in UNIGRAM_COLUMNS} for r in rows], schema=schema)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
-    return Path(path)
+    return write_table(BLIMP_BASELINES, rows, path)
 
 
 def study_unigram_counts(data_dir: str | os.PathLike, vocab_size: int,
