@@ -21,8 +21,9 @@ from data_helpers import data_config, write_domain_files
 from relora.checkpoint import CheckpointWriteError, save_checkpoint
 from relora.cli import main
 from relora.config import ConfigError, load_study, resolve_run, run_config_hash
+from relora.data.batches import TokenBatches
 from relora.model import ModelConfig, PicoDecoder
-from relora.train import TokenBatches, Trainer, train
+from relora.train import Trainer, train
 
 STUDY = {
     "study": "t",

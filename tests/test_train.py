@@ -17,8 +17,9 @@ from safetensors.torch import load_file
 
 from relora.checkpoint import CheckpointError, load_checkpoint
 from relora.config import load_study, resolve_run
+from relora.data.batches import TokenBatches
 from relora.lora import lora_modules
-from relora.train import TokenBatches, Trainer, TrainingDiverged, train
+from relora.train import Trainer, TrainingDiverged, train
 
 STUDY = {
     "study": "t",
