@@ -255,7 +255,7 @@ def test_cli_reports_errors_cleanly(tmp_path, data_dir):
     config.write_text(yaml.safe_dump(STUDY))
     result = subprocess.run(_train_cmd(config, data_dir, tmp_path / "o", tmp_path / "r", condition="lora"),
                             capture_output=True, text=True)
-    assert result.returncode == 2 and "condition 'lora' is not in the study" in result.stderr
+    assert result.returncode == 3 and "condition 'lora' is not in the study" in result.stderr
     assert "Traceback" not in result.stderr
 
 
