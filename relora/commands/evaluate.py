@@ -10,6 +10,7 @@ snapshots under checkpoints/step_<k>/). Tables are written atomically.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import time
@@ -34,7 +35,7 @@ def add_run_options(p) -> None:
                    help="run directory with run.json and checkpoints/")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--steps", type=lambda s: [int(x) for x in s.split(",")], default=None,
+    p.add_argument("--steps", type=_step_list, default=None, metavar="K[,K...]",
                    help="comma-separated steps instead of the resolver's (e.g. for a partial run)")
     p.add_argument("--checkpoints", type=Path, default=None,
                    help="folder of step_<k>/ checkpoints (default: RUN_DIR/checkpoints); a Pico run's "
@@ -43,6 +44,13 @@ def add_run_options(p) -> None:
                    help="first download the paper's released checkpoints (commits 'Saving HF Model -- "
                         "Step <k>' of a pico-train repository and branch) for the missing steps into "
                         "the checkpoints folder (needs internet and huggingface_hub)")
+
+
+def _step_list(text: str) -> list[int]:
+    try:
+        return [int(k) for k in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of steps (e.g. 0,100,200)") from None
 
 
 def register(subparsers) -> None:
