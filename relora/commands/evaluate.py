@@ -50,7 +50,8 @@ def _step_list(text: str) -> list[int]:
     try:
         return [int(k) for k in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of steps (e.g. 0,100,200)") from None
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not a comma-separated list of steps (e.g. 0,100,200)") from None
 
 
 def register(subparsers) -> None:
