@@ -14,7 +14,7 @@ relora.describe.relora_flops_per_token.
 Baselines: transformers LlamaForCausalLM (+ peft LoRA for ReLoRA, same rank, alpha, dropout,
 targets and trainable set) with fused AdamW (transformers.Trainer's default optimizer for torch >=
 2.8), run with glibc's default allocator settings as a user runs it; our rows run as relora's
-trainer does on CPU (relora.optim.build_optimizer, relora.train.retain_freed_memory). Ablation
+trainer does on CPU (relora.optim.build_optimizer, relora.runtime.retain_freed_memory). Ablation
 rows switch one of our changes back: glibc's default allocator, PyTorch's bernoulli_ dropout mask
 instead of the SFC64 one, PyTorch's fused attention kernel instead of the small-head path.
 """
@@ -63,7 +63,7 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
 
 
 def malloc_mode(mode: str) -> None:
-    """`keep`: relora.train.retain_freed_memory. `default`: glibc's state once its dynamic mmap
+    """`keep`: relora.runtime.retain_freed_memory. `default`: glibc's state once its dynamic mmap
     threshold has reached its 32 MiB maximum (where it sits after the first large free), so
     blocks of 32 MiB or more are mapped and unmapped on every use."""
     if _libc is None:

@@ -18,49 +18,40 @@ empty nor marked is the user's, and the run stops before writing anything, namin
 holds an exclusive lock on `<resume dir>/.lock` (host and pid inside) for its whole life, so a
 second writer of the same run fails at once. `state.pt` is loaded with `weights_only=True`: a
 received results folder cannot run code.
+
+The loop lives here; the batches in `relora.data.batches`, the device and process group in
+`relora.runtime`, the resume directory in `relora.resume`, publishing in `relora.publish`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import platform
-import re
-import shutil
 import signal
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from pickle import UnpicklingError  # what torch.load(weights_only=True) raises on a foreign object
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from . import __version__
-from .checkpoint import CheckpointWriteError, build_model, save_checkpoint
+from .checkpoint import build_model, save_checkpoint
 from .config import run_config_hash
-from .data.manifest import verify_inputs
-from .io import (atomic_path, atomic_write_text, check_replaceable, hold_lock, remove_owned_dir, replace_dir,
-                 write_marker)
+from .data.batches import training_batches
+from .io import atomic_path
 from .lora import merge_and_reinit, wrap_with_lora
 from .model import count_parameters
 from .optim import build_optimizer, lr_factor, reset_optimizer_state
+from .publish import check_run_dir, publish_run
+from .resume import (STATE, ForeignStateError, claim_resume_dir, clear_resume_dir, read_state, remove_resume_dir,
+                     rng_state, save_state, set_rng_state)
+from .runtime import distributed_setup, resolve_device, retain_freed_memory, threading_is_main
 
 log = logging.getLogger("relora.train")
-
-STATE = "state.pt"
-RESUME_MARKER = ".relora-resume"  # in a resume directory, from its creation: the run's identity
-RUN_MARKER = ".relora-run"  # in a published run directory
-LOCK = ".lock"
-# everything the pipeline writes into a run directory: a folder holding only these is a run of
-# ours even without its marker (a run published before markers existed, whose run.json and
-# checkpoints Snakemake removed before re-running its training)
-RUN_PRODUCTS = (RUN_MARKER, "run.json", "checkpoints", "train_metrics.parquet", "perplexity.parquet",
-                "blimp.parquet", "dynamics.parquet")
 
 
 class TrainingDiverged(RuntimeError):
@@ -75,160 +66,7 @@ class Preempted(RuntimeError):
         self.exit_code = 128 + signum
 
 
-# --- data -----------------------------------------------------------------------------------
-
-class TokenBatches:
-    """Batches of non-overlapping (seq_len + 1)-token windows of a 1-D token array.
-
-    The windows of update k are a pure function of (seed, k): epoch e visits all windows in the
-    order of a permutation seeded by (seed, e). Runs with the same seed therefore see the same
-    batches whatever their condition, and a resumed run needs no data state but its step.
-    """
-
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, source="train.npy"):
-        self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
-        self.n_windows = (len(tokens) - 1) // seq_len
-        if self.n_windows < batch_size:
-            raise ValueError(f"{source}: {len(tokens)} tokens make {self.n_windows} windows of data.seq_len "
-                             f"{seq_len} + 1 tokens, too few to fill a batch of training.batch_size {batch_size} "
-                             "(more training data, or a smaller seq_len or batch_size)")
-        self._epoch, self._order = None, None
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
-        return self._order
-
-    def window_ids(self, step: int) -> np.ndarray:
-        """Window indices of update `step` (1-based), crossing epochs seamlessly."""
-        start = (step - 1) * self.batch_size
-        ids = []
-        for position in range(start, start + self.batch_size):
-            epoch, offset = divmod(position, self.n_windows)
-            ids.append(self._permutation(epoch)[offset])
-        return np.asarray(ids)
-
-    def batch(self, step: int, rows: slice = slice(None)) -> torch.Tensor:
-        """(rows, seq_len + 1) int64 tokens of update `step`."""
-        starts = self.window_ids(step)[rows] * self.seq_len
-        windows = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts])
-        return torch.from_numpy(windows.astype(np.int64))
-
-
-def load_train_tokens(data_dir: Path, vocab_size: int) -> np.ndarray:
-    path = Path(data_dir) / "train.npy"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: training tokens not found")
-    # size and sha256 against the data manifest, once per process, before a step is taken
-    # (hashing reads the file once: seconds per GB, against hours of training on it)
-    manifest = verify_inputs(data_dir, ["train.npy"])
-    if manifest and manifest.get("vocab_size") not in (None, vocab_size):
-        raise ValueError(f"{Path(data_dir) / 'manifest.json'}: the data was tokenized with a vocabulary of "
-                         f"{manifest['vocab_size']} tokens, the run's data.tokenizer.vocab_size is {vocab_size}")
-    try:
-        tokens = np.load(path, mmap_mode="r")
-    except ValueError as e:
-        raise ValueError(f"{path}: not a readable .npy file ({e})") from None
-    if tokens.ndim != 1 or tokens.dtype.kind not in "ui":
-        raise ValueError(f"{path}: expected a 1-D integer token array, got {tokens.dtype} {tokens.shape}")
-    top = int(tokens.max()) if len(tokens) else -1
-    if top >= vocab_size or (tokens.dtype.kind == "i" and int(tokens.min()) < 0):
-        raise ValueError(f"{path}: token id {top} is outside the vocabulary of {vocab_size} tokens")
-    return tokens
-
-
-def training_batches(data_dir: Path, seq_len: int, batch_size: int, seed: int, vocab_size: int):
-    """Batches from DATA_DIR/train.npy, or streamed when the data manifest says so."""
-    manifest_path = data_dir / "manifest.json"
-    if not (data_dir / "train.npy").exists() and manifest_path.exists():
-        train = json.loads(manifest_path.read_text()).get("train", {})
-        if train.get("kind") == "stream":
-            from .data.stream import StreamedBatches
-
-            return StreamedBatches(train["datasets"], seq_len, batch_size, vocab_size)
-    return TokenBatches(load_train_tokens(data_dir, vocab_size), seq_len, batch_size, seed,
-                        source=data_dir / "train.npy")
-
-
-# --- distributed ------------------------------------------------------------------------------
-
-def distributed_setup(device: torch.device) -> tuple[int, int]:
-    """(rank, world size); initialises the process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
-
-
-# --- memory -----------------------------------------------------------------------------------
-
-def retain_freed_memory() -> bool:
-    """Keep freed memory in the process (glibc only; True when applied).
-
-    glibc serves blocks of 32 MiB or more (the logits, their gradient) with mmap and unmaps them
-    when freed, so every step faults them back in page by page, zeroed by the kernel; keeping
-    them (no mmap for large blocks, no trimming of the heap) saved about 15% of a CPU training
-    step (benchmarks/run.py measures it). Equivalent to MALLOC_MMAP_MAX_=0 and
-    MALLOC_TRIM_THRESHOLD_=-1 in the environment; the process's peak memory is unchanged.
-    """
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
-        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, -1))
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
-        return False
-
-
-# --- state ------------------------------------------------------------------------------------
-
-def rng_state(device: torch.device) -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def save_state(path: Path, payload: dict) -> None:
-    """torch.save to a temporary name, then rename: a kill never leaves a torn state file, and a
-    failed write (a full disk) leaves the previous state as it was."""
-    try:
-        with atomic_path(path) as tmp:
-            torch.save(payload, tmp)
-    except Exception as e:  # OSError, or torch's RuntimeError "file write failed"
-        raise CheckpointWriteError(f"{path}: could not save the resume state ({e}); "
-                                   "the previous state is unchanged") from e
-
-
-def check_state_file(path: Path) -> None:
-    """Raise if a state file's CRC-32s do not match its data: torch.save writes a zip archive
-    with one per tensor, which torch.load does not check, so a flipped bit would be resumed
-    from silently. Reads the file once (about 1 GB/s)."""
-    import zipfile
-
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-        if bad is not None:
-            raise ValueError(f"CRC-32 of {bad} does not match its data (altered or corrupt file)")
-
+# --- the run's randomness ------------------------------------------------------------------
 
 def event_generator(seed: int, step: int, salt: int) -> torch.Generator:
     """A generator for one event (adapter init, merge at a step), identical on every rank."""
@@ -323,13 +161,9 @@ class Trainer:
         if not path.is_file():
             return False
         try:
-            check_state_file(path)
-            state = torch.load(path, map_location=self.device, weights_only=True)
-        except UnpicklingError as e:  # not what save_state writes: never run what a file asks for
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-            raise ValueError(f"{path}: refusing to load: it asks to call {found[1] if found else 'a function'}, "
-                             "and a resume state holds only tensors and plain values (received or altered "
-                             "file?); delete it to start the run from step 0") from None
+            state = read_state(path, self.device)
+        except ForeignStateError:  # never run what a file asks for
+            raise
         except Exception as e:  # a torn or corrupt file: start over, loudly
             log.warning("%s: unreadable resume state (%s); starting from step 0", path, e)
             return False
@@ -368,26 +202,8 @@ class Trainer:
 
         The run directory must be absent, empty or a published run; the resume directory absent,
         empty or this run's (its marker). Nothing is written before both are checked."""
-        out, resume = self.out_dir.resolve(), self.resume_dir.resolve()
-        if out == resume or out in resume.parents or resume in out.parents:
-            raise ValueError(f"--out {self.out_dir} and --resume-dir {self.resume_dir} overlap; publishing "
-                             "would replace or delete one with the other: give two separate folders")
-        check_replaceable(self.out_dir, RUN_MARKER, "run.json", products=RUN_PRODUCTS)
-        check_replaceable(self.resume_dir, RESUME_MARKER)
-        marker = self.resume_dir / RESUME_MARKER
-        if marker.is_file():
-            try:
-                owner = json.loads(marker.read_text())
-            except json.JSONDecodeError:
-                owner = {}
-            owner = {k: owner.get(k) for k in self.identity()}
-            if owner != self.identity():
-                raise ValueError(f"{self.resume_dir}: holds the resume state of another run ({owner}); "
-                                 f"this run is {self.identity()}: give it its own --resume-dir")
-        self.resume_dir.mkdir(parents=True, exist_ok=True)
-        if not marker.is_file():
-            write_marker(self.resume_dir, RESUME_MARKER, self.identity())
-        self.lock = hold_lock(self.resume_dir / LOCK)
+        check_run_dir(self.out_dir, self.resume_dir)
+        self.lock = claim_resume_dir(self.resume_dir, self.identity())
 
     def release(self):
         if self.lock is not None:
@@ -413,11 +229,7 @@ class Trainer:
         if self.world > 1:
             dist.barrier()  # every rank has read the state before rank 0 may clear it
         if self.is_main and not resumed:
-            # only what a run writes there: anything else in the folder is left alone
-            if (self.resume_dir / STATE).exists() or (self.resume_dir / "checkpoints").exists():
-                log.info("starting from step 0: removing the state and checkpoints in %s", self.resume_dir)
-            (self.resume_dir / STATE).unlink(missing_ok=True)
-            shutil.rmtree(self.resume_dir / "checkpoints", ignore_errors=True)
+            clear_resume_dir(self.resume_dir)
         if self.world > 1:
             dist.barrier()
 
@@ -556,39 +368,10 @@ class Trainer:
         record = self.run_record()
         if not self.is_main:
             return record
-        staging = self.out_dir.with_name(f".{self.out_dir.name}.publishing")
-        remove_owned_dir(staging, RUN_MARKER)  # a publish killed half-way
-        staging.mkdir(parents=True)
-        write_marker(staging, RUN_MARKER, self.identity())
-        # hard links, not moves: if this is killed half-way, the resume directory still holds
-        # everything and the rerun publishes again
-        shutil.copytree(self.resume_dir / "checkpoints", staging / "checkpoints", copy_function=_link_or_copy)
-        write_metrics(self.rows, self.run, staging / "train_metrics.parquet")
-        atomic_write_text(staging / "run.json", json.dumps(record, indent=2))
-        replace_dir(staging, self.out_dir, RUN_MARKER, "run.json", products=RUN_PRODUCTS)
-        (self.resume_dir / STATE).unlink(missing_ok=True)  # first: a half-deleted folder is never resumed
-        shutil.rmtree(self.resume_dir / "checkpoints")
-        (self.resume_dir / RESUME_MARKER).unlink()
-        (self.resume_dir / LOCK).unlink()
-        self.release()
-        try:
-            self.resume_dir.rmdir()
-        except OSError:  # something else was put there: it is not ours to delete
-            log.warning("%s: left in place, it holds files the run did not write", self.resume_dir)
+        publish_run(self.resume_dir, self.out_dir, self.identity(), record,
+                    lambda folder: write_metrics(self.rows, self.run, folder / "train_metrics.parquet"))
+        remove_resume_dir(self.resume_dir, self.release)
         return record
-
-
-def _link_or_copy(src, dst):
-    try:
-        os.link(src, dst)
-    except OSError:  # another filesystem
-        shutil.copy2(src, dst)
-
-
-def threading_is_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _progress_bar(start: int, total: int):

@@ -138,19 +138,19 @@ def test_bad_inputs_are_named(tmp_path, data_dir, capsys):
     import shutil
 
     shutil.rmtree(run_dir / "checkpoints" / "step_2")
-    assert main(["evaluate", *args]) == 2
+    assert main(["evaluate", *args]) == 3
     assert "step_2: no checkpoint at step 2 (found: step_0, step_4)" in capsys.readouterr().err
     # a probe that does not fit the run
     np.save(data_dir / "probe.npy", np.full((2, 40), 3))
-    assert main(["dynamics", *args, "--steps", "0,4"]) == 2
+    assert main(["dynamics", *args, "--steps", "0,4"]) == 3
     assert "probe.npy: windows of 39 tokens" in capsys.readouterr().err
     # missing probe
     (data_dir / "probe.npy").unlink()
-    assert main(["dynamics", *args, "--steps", "0,4"]) == 2
+    assert main(["dynamics", *args, "--steps", "0,4"]) == 3
     assert "probe.npy: probe batch not found" in capsys.readouterr().err
     # missing evaluation files
     shutil.rmtree(data_dir / "eval")
-    assert main(["evaluate", *args, "--steps", "0,4"]) == 2
+    assert main(["evaluate", *args, "--steps", "0,4"]) == 3
     assert "eval: no evaluation files" in capsys.readouterr().err
     # a checkpoint that does not match the run's config
     other = make_model(model_config(load_study(config_path), "nano"))
@@ -159,7 +159,7 @@ def test_bad_inputs_are_named(tmp_path, data_dir, capsys):
     wide = ModelConfig(**{**other.config.to_dict(), "d_model": 48, "ffn_hidden": 192})
     save_checkpoint(run_dir / "checkpoints" / "step_4", PicoDecoder(wide), 4)
     assert main(["dynamics", *args, "--steps", "0,4", "--set", "analysis.targets=[weight]",
-                 "--set", "analysis.cka=false"]) == 2
+                 "--set", "analysis.cka=false"]) == 3
     err = capsys.readouterr().err
     assert "step_4/config.json: checkpoint does not match the run config: d_model is 48" in err
     assert not (run_dir / "dynamics.parquet").exists()
@@ -250,4 +250,4 @@ def test_hf_repo_downloads_the_missing_steps(tmp_path, data_dir, monkeypatch):
     import shutil
 
     shutil.rmtree(run_dir / "checkpoints" / "step_4")
-    assert main(["dynamics", *args]) == 2
+    assert main(["dynamics", *args]) == 3

@@ -100,7 +100,7 @@ def test_corrupt_training_tokens_stop_train_before_a_step(study, capsys, fault, 
         np.save(path, tokens)
     else:
         truncate(path)
-    assert main(train_args(study)) == 2
+    assert main(train_args(study)) == 3
     err = capsys.readouterr().err
     assert str(study.data / "train.npy") in err and re.search(message, err), err
     assert not (study.tmp / "out").exists() and not (study.tmp / "resume").exists()
@@ -117,7 +117,7 @@ def test_corrupt_training_tokens_stop_train_before_a_step(study, capsys, fault, 
 ])
 def test_corrupt_evaluation_data_is_named_before_any_metric(study, capsys, no_metrics, name, fault, message):
     fault(study.data / name)
-    assert main(stage_args(study, "evaluate")) == 2
+    assert main(stage_args(study, "evaluate")) == 3
     err = capsys.readouterr().err
     assert name.split("/")[-1] in err and message in err, err
     assert not (study.tmp / "tables").exists()
@@ -126,7 +126,7 @@ def test_corrupt_evaluation_data_is_named_before_any_metric(study, capsys, no_me
 @pytest.mark.parametrize("fault, message", [(alter, "sha256 differs"), (truncate, "bytes, the manifest says")])
 def test_corrupt_probe_is_named_before_any_metric(study, capsys, no_metrics, fault, message):
     fault(study.data / "probe.npy")
-    assert main(stage_args(study, "dynamics")) == 2
+    assert main(stage_args(study, "dynamics")) == 3
     err = capsys.readouterr().err
     assert f"{study.data / 'probe.npy'}: " in err and message in err, err
     assert not (study.tmp / "tables").exists()
@@ -139,7 +139,7 @@ def test_corrupt_checkpoint_is_named_before_any_metric(study, capsys, no_metrics
     does not cost the evaluation of all the others first."""
     weights = study.run / "checkpoints" / f"step_{step}" / "model.safetensors"
     fault(weights)
-    assert main(stage_args(study, command)) == 2
+    assert main(stage_args(study, command)) == 3
     err = capsys.readouterr().err
     assert f"{weights}: sha256 differs from config.json (truncated or altered checkpoint)" in err, err
     assert not (study.tmp / "tables").exists()
@@ -147,7 +147,7 @@ def test_corrupt_checkpoint_is_named_before_any_metric(study, capsys, no_metrics
 
 def test_data_tokenized_for_another_vocabulary_is_refused(study, capsys):
     """A run config whose data.tokenizer.vocab_size is not the one the data was built with."""
-    assert main(train_args(study, "full", "--set", "data.tokenizer.vocab_size=512")) == 2
+    assert main(train_args(study, "full", "--set", "data.tokenizer.vocab_size=512")) == 3
     err = capsys.readouterr().err
     assert f"{study.data / 'manifest.json'}: the data was tokenized with a vocabulary of 320 tokens" in err
     assert "data.tokenizer.vocab_size is 512" in err
@@ -190,8 +190,8 @@ def test_altered_resume_state_is_not_resumed_from(study, caplog):
 
 def test_nan_loss_from_the_command_line_keeps_only_good_checkpoints(study, capsys):
     """lr 1e3 (written as a user would, `1e3`, which YAML 1.1 reads as a string): the run stops
-    with exit code 3 naming the step; no NaN reaches a checkpoint or the resume state."""
-    assert main(train_args(study, "full", "--set", "training.lr=1e3")) == 3
+    with exit code 4 naming the step; no NaN reaches a checkpoint or the resume state."""
+    assert main(train_args(study, "full", "--set", "training.lr=1e3")) == 4
     err = capsys.readouterr().err
     assert re.search(r"error: (loss|gradient norm) is (nan|inf) at step \d+", err), err
     resume = study.tmp / "resume"
@@ -224,7 +224,7 @@ def test_disk_full_while_writing_a_checkpoint(study, capsys, caplog, monkeypatch
         return save_file(tensors, filename, *args, **kwargs)
 
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
-    assert main(train_args(study)) == 2
+    assert main(train_args(study)) == 3
     err = capsys.readouterr().err
     resume = study.tmp / "resume"
     assert (f"error: {resume / 'checkpoints' / 'step_12'}: could not write the checkpoint "
@@ -257,7 +257,7 @@ def test_disk_full_while_saving_the_resume_state(study, capsys, monkeypatch):
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", disk_full)
-    assert main(train_args(study)) == 2
+    assert main(train_args(study)) == 3
     err = capsys.readouterr().err
     state = study.tmp / "resume" / "state.pt"
     assert f"error: {state}: could not save the resume state (" in err and "file write failed" in err, err
@@ -316,7 +316,7 @@ def test_failed_write_leaves_the_old_results_whole(results, monkeypatch, capsys,
         monkeypatch.setattr("relora.statistics.add_statistics", full)
     else:
         _partial_then_full(monkeypatch, "write_text", Path(target).name)  # SVG, HTML: text
-    assert main(commands[target]) == 2
+    assert main(commands[target]) == 3
     assert "No space left on device" in capsys.readouterr().err
     after = _bytes(root)
     assert after[target] == before[target]  # the old file, whole
@@ -365,7 +365,7 @@ def test_empty_corpus_domain_is_named(study, capsys):
     empty = study.tmp / "gamma.jsonl"
     empty.write_text("")
     config = write_study(study, study.tmp, data__corpus__files={"gamma": [str(empty)]})
-    assert main(["corpus", "--config", str(config), "--out", str(study.tmp / "corpus")]) == 2
+    assert main(["corpus", "--config", str(config), "--out", str(study.tmp / "corpus")]) == 3
     assert "domain 'gamma' is empty" in capsys.readouterr().err
 
 
@@ -377,7 +377,7 @@ def test_blimp_file_with_missing_fields_is_named(study, capsys):
     bad = {k: v for k, v in good.items() if k not in ("sentence_bad", "field")}
     (folder / "npi_no_ever.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
     config = write_study(study, study.tmp, evaluation__blimp={"source": str(folder)})
-    assert main(["blimp", "--config", str(config), "--out", str(study.tmp / "blimp")]) == 2
+    assert main(["blimp", "--config", str(config), "--out", str(study.tmp / "blimp")]) == 3
     err = capsys.readouterr().err
     assert f"{folder / 'npi_no_ever.jsonl'}:2: missing field(s) " in err and "sentence_bad" in err, err
     assert not list((study.tmp / "blimp").glob("*.jsonl")) if (study.tmp / "blimp").exists() else True
@@ -389,7 +389,7 @@ def test_tokenizer_of_another_size_is_named(study, capsys):
                                                             "vocab_size": 512})
     out = study.tmp / "t" / "tokenizer.json"
     assert main(["tokenizer", "--config", str(config), "--corpus", str(study.results / "data" / "corpus"),
-                 "--out", str(out)]) == 2
+                 "--out", str(out)]) == 3
     err = capsys.readouterr().err
     assert "has 320 tokens but data.tokenizer.vocab_size is 512" in err and str(tokenizer) in err, err
     assert not out.exists()

@@ -216,7 +216,7 @@ def test_bad_study_is_refused_naming_the_key(e2e_study, tmp_path, capsys, change
     study = load_yaml(e2e_study.study_file)
     change(study)
     path = write_study(tmp_path / "bad.yaml", study)
-    assert main(["describe", "--config", str(path)]) == 2
+    assert main(["describe", "--config", str(path)]) == 3
     assert message in capsys.readouterr().err
 
 
@@ -245,8 +245,8 @@ def test_runs_outside_the_study_are_refused(e2e_study, tmp_path):
 
 
 def test_cli_names_unknown_sizes_and_conditions(e2e_study, tmp_path, capsys):
-    """The same through `relora train` (what the rule calls): exit code 2, the study's choices
-    listed, nothing written."""
+    """The same through `relora train` (what the rule calls): exit code 3 (an input error), the
+    study's choices listed, nothing written."""
     from relora.cli import main
 
     for size, condition, message in (("huge", "full", "size 'huge' is not in the study (sizes: mini)"),
@@ -254,6 +254,6 @@ def test_cli_names_unknown_sizes_and_conditions(e2e_study, tmp_path, capsys):
                                                        "full, relora-paper, relora)")):
         assert main(["train", "--config", str(e2e_study.study_file), "--size", size, "--condition", condition,
                      "--seed", "0", "--data", str(e2e_study.results / "data"), "--out", str(tmp_path / "o"),
-                     "--resume-dir", str(tmp_path / "r")]) == 2
+                     "--resume-dir", str(tmp_path / "r")]) == 3
         assert message in capsys.readouterr().err
     assert os.listdir(tmp_path) == []

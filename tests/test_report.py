@@ -79,7 +79,7 @@ def test_report_without_figures_or_manifest(tmp_path):
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):
-    assert main(["aggregate", "--results", str(tmp_path), "--out", str(tmp_path / "s.duckdb")]) == 2
+    assert main(["aggregate", "--results", str(tmp_path), "--out", str(tmp_path / "s.duckdb")]) == 3
     assert "no run directories" in capsys.readouterr().err
     assert not (tmp_path / "s.duckdb").exists()
 

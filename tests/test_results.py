@@ -426,6 +426,6 @@ def test_relora_sql_queries_the_database_read_only(db, study_dir, capsys):
     expected = rows(db, "SELECT count(*) AS n FROM gap WHERE metric = 'bits_per_byte'")[0]["n"]
     assert main(["sql", str(path), "SELECT count(*) AS n FROM gap WHERE metric = 'bits_per_byte'", "--csv"]) == 0
     assert capsys.readouterr().out.splitlines() == ["n", str(expected)]
-    assert main(["sql", str(path), "DROP VIEW gap"]) == 2
+    assert main(["sql", str(path), "DROP VIEW gap"]) == 3
     assert "read-only" in capsys.readouterr().err
     assert rows(db, "SELECT count(*) AS n FROM gap")[0]["n"] > 0

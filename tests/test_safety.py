@@ -21,8 +21,9 @@ from data_helpers import data_config, write_domain_files
 from relora.checkpoint import CheckpointWriteError, save_checkpoint
 from relora.cli import main
 from relora.config import ConfigError, load_study, resolve_run, run_config_hash
+from relora.data.batches import TokenBatches
 from relora.model import ModelConfig, PicoDecoder
-from relora.train import TokenBatches, Trainer, train
+from relora.train import Trainer, train
 
 STUDY = {
     "study": "t",
@@ -286,8 +287,8 @@ def test_results_commands_refuse_to_replace_a_foreign_file(tmp_path, aggregated,
     root, db = aggregated
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")
-    assert main(["aggregate", "--results", str(root), "--out", str(notes)]) == 2
-    assert main(["report", "--db", str(db), "--out", str(notes)]) == 2
+    assert main(["aggregate", "--results", str(root), "--out", str(notes)]) == 3
+    assert main(["report", "--db", str(db), "--out", str(notes)]) == 3
     assert notes.read_text() == "mine"
     assert str(notes) in capsys.readouterr().err
     # their own earlier outputs are replaced
@@ -392,7 +393,7 @@ def test_a_second_train_process_fails_naming_the_holder(tmp_path, data_dir):
             capture_output=True, text=True, timeout=120)
     finally:
         first.release()
-    assert result.returncode == 2 and f"pid {os.getpid()}" in result.stderr, result.stderr
+    assert result.returncode == 3 and f"pid {os.getpid()}" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -17,8 +17,9 @@ from safetensors.torch import load_file
 
 from relora.checkpoint import CheckpointError, load_checkpoint
 from relora.config import load_study, resolve_run
+from relora.data.batches import TokenBatches
 from relora.lora import lora_modules
-from relora.train import TokenBatches, Trainer, TrainingDiverged, train
+from relora.train import Trainer, TrainingDiverged, train
 
 STUDY = {
     "study": "t",
@@ -254,7 +255,7 @@ def test_cli_reports_errors_cleanly(tmp_path, data_dir):
     config.write_text(yaml.safe_dump(STUDY))
     result = subprocess.run(_train_cmd(config, data_dir, tmp_path / "o", tmp_path / "r", condition="lora"),
                             capture_output=True, text=True)
-    assert result.returncode == 2 and "condition 'lora' is not in the study" in result.stderr
+    assert result.returncode == 3 and "condition 'lora' is not in the study" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -17,15 +17,20 @@ DATA/manifest.json, the data directory being the parent of each --out (tokenize:
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import time
+from pathlib import Path
+
+from . import add_command, add_study_options
+
+log = logging.getLogger("relora.commands.data")
 
 
 def _study(args) -> dict:
     from relora.config import load_study
 
-    return load_study(args.config, overrides=getattr(args, "set", None))
+    return load_study(args.config, overrides=args.overrides)
 
 
 def _threads(args) -> int:
@@ -35,7 +40,8 @@ def _threads(args) -> int:
 
 
 def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """What the data builders report as they go (their `log` argument)."""
+    log.info("%s", message)
 
 
 def corpus(args) -> int:
@@ -95,52 +101,60 @@ def manifest(args) -> int:
 
 
 def register(subparsers) -> None:
-    def add(name, handler, help_text):
-        p = subparsers.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(handler=handler)
-        return p
+    def add(name, handler, summary, description=None):
+        return add_command(subparsers, name, handler, summary, description)
 
     def common(p, threads=False):
-        p.add_argument("--config", required=True, help="study config (YAML)")
-        p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                       help="override a config key (dotted path, YAML value); repeatable")
+        add_study_options(p)
         if threads:
             p.add_argument("--threads", type=int, default=None,
                            help="encoding threads (default: every core available)")
 
-    p = add("corpus", corpus, "documents per domain, cleaned, deduplicated, split train/held-out")
+    p = add("corpus", corpus, "documents per domain, cleaned, deduplicated, split train/held-out",
+            "Collect the study's documents per domain (data.corpus: bundled, local files or Hugging Face), "
+            "clean and deduplicate them, and split each domain into train and held-out.")
     common(p)
-    p.add_argument("--out", required=True, help="corpus folder to write (DATA/corpus)")
+    p.add_argument("--out", required=True, type=Path, help="corpus folder to write (DATA/corpus)")
 
-    p = add("tokenizer", tokenizer, "train or fetch the tokenizer and check its size")
+    p = add("tokenizer", tokenizer, "train or fetch the tokenizer and check its size",
+            "Train a byte-level BPE tokenizer on the corpus's train split, or fetch the one the study "
+            "names, and check its size against data.tokenizer.vocab_size.")
     common(p, threads=True)
-    p.add_argument("--corpus", required=True, help="corpus folder (from `relora corpus`)")
-    p.add_argument("--out", required=True, help="tokenizer.json to write (DATA/tokenizer.json)")
+    p.add_argument("--corpus", required=True, type=Path, help="corpus folder (from `relora corpus`)")
+    p.add_argument("--out", required=True, type=Path, help="tokenizer.json to write (DATA/tokenizer.json)")
 
-    p = add("tokenize", tokenize, "train.npy and eval/<domain>.parquet")
+    p = add("tokenize", tokenize, "train.npy and eval/<domain>.parquet",
+            "Tokenize the corpus: the train split into DATA/train.npy (documents joined by end-of-text), "
+            "the held-out split into DATA/eval/<domain>.parquet.")
     common(p, threads=True)
-    p.add_argument("--corpus", required=True, help="corpus folder (from `relora corpus`)")
-    p.add_argument("--tokenizer", required=True, help="tokenizer.json")
-    p.add_argument("--out", required=True, help="data folder to write train.npy and eval/ into")
+    p.add_argument("--corpus", required=True, type=Path, help="corpus folder (from `relora corpus`)")
+    p.add_argument("--tokenizer", required=True, type=Path, help="tokenizer.json")
+    p.add_argument("--out", required=True, type=Path, help="data folder to write train.npy and eval/ into")
 
-    p = add("probe", probe, "the fixed probe batch of held-out windows (probe.npy)")
+    p = add("probe", probe, "the fixed probe batch of held-out windows (probe.npy)",
+            "Draw the fixed probe batch of held-out token windows (probe.npy) on which `relora dynamics` "
+            "computes gradients and CKA.")
     common(p)
-    p.add_argument("--eval", required=True, help="folder of eval/<domain>.parquet")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: beside --eval)")
-    p.add_argument("--out", required=True, help="probe.npy to write")
+    p.add_argument("--eval", required=True, type=Path, help="folder of eval/<domain>.parquet")
+    p.add_argument("--tokenizer", default=None, type=Path, help="tokenizer.json (default: beside --eval)")
+    p.add_argument("--out", required=True, type=Path, help="probe.npy to write")
 
-    p = add("blimp", blimp, "BLiMP minimal pairs (local folder, Hugging Face or generated)")
+    p = add("blimp", blimp, "BLiMP minimal pairs (local folder, Hugging Face or generated)",
+            "Write the BLiMP minimal pairs the study evaluates (evaluation.blimp.source: a local folder, "
+            "Hugging Face or generated from the corpus's words) as <UID>.jsonl.")
     common(p)
-    p.add_argument("--corpus", default=None,
+    p.add_argument("--corpus", default=None, type=Path,
                    help="corpus folder; the generator keeps words frequent in its training split")
-    p.add_argument("--tokenizer", default=None,
+    p.add_argument("--tokenizer", default=None, type=Path,
                    help="tokenizer.json: with it, the unigram frequency baseline (counts from the "
                         "data folder's train.npy or training stream) balances generated pairs and "
                         "is written to DATA/blimp_unigram.parquet")
-    p.add_argument("--out", required=True, help="folder to write <UID>.jsonl into (DATA/blimp)")
+    p.add_argument("--out", required=True, type=Path, help="folder to write <UID>.jsonl into (DATA/blimp)")
 
-    p = add("manifest", manifest, "merge the stage records into manifest.json, or --verify it")
-    p.add_argument("--data", required=True, help="data folder")
+    p = add("manifest", manifest, "merge the stage records into manifest.json, or --verify it",
+            "Merge the records of the data stages (DATA/stages/*.json) into DATA/manifest.json, or with "
+            "--verify check every file it lists.")
+    p.add_argument("--data", required=True, type=Path, metavar="DATA_DIR", help="data folder")
     p.add_argument("--verify", action="store_true",
                    help="check the size and sha256 of every file listed instead of writing")
     return None

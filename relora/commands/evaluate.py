@@ -1,30 +1,38 @@
-"""`relora evaluate` (perplexity, bits per byte, BLiMP) and `relora dynamics` (spectra, CKA).
+"""`relora evaluate`: per-domain perplexity, bits per byte and BLiMP of a run's checkpoints.
 
-Both read RUN_DIR/run.json for the run's size, condition and seed, ask the resolver for the
-run's evaluation / analysis steps, and read RUN_DIR/checkpoints/step_<k>/ in this project's
-layout or as a Hugging Face folder of the paper's released checkpoints (so a user can put the
-paper's models through the same analysis: a run.json naming size, condition and seed plus the
-downloaded snapshots under checkpoints/step_<k>/). Every checkpoint is verified before the
-first metric is computed, and not hashed again when it is loaded. Tables are written by
+This command and `relora dynamics` (relora/commands/dynamics.py, which uses the helpers below)
+read RUN_DIR/run.json for the run's size, condition and seed, ask the resolver for the run's
+evaluation / analysis steps, and read RUN_DIR/checkpoints/step_<k>/ in this project's layout or
+as a Hugging Face folder of the paper's released checkpoints (so a user can put the paper's
+models through the same analysis: a run.json naming size, condition and seed plus the downloaded
+snapshots under checkpoints/step_<k>/). Every checkpoint is verified before
+the first metric is computed, and not hashed again when it is loaded. Tables are written by
 relora.tables.write_table.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
+import logging
 import time
 from pathlib import Path
 
-def _common(p) -> None:
-    p.add_argument("--config", required=True, type=Path, help="study YAML")
-    p.add_argument("--data", required=True, type=Path, help="data directory (eval/, blimp/, probe.npy)")
-    p.add_argument("--run", required=True, type=Path, help="run directory with run.json and checkpoints/")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a study key (repeatable)")
+from . import add_command, add_study_options
+
+log = logging.getLogger("relora.commands.evaluate")
+
+
+def add_run_options(p) -> None:
+    """The options `relora evaluate` and `relora dynamics` share."""
+    add_study_options(p)
+    p.add_argument("--data", required=True, type=Path, metavar="DATA_DIR",
+                   help="data directory (eval/, blimp/, probe.npy, manifest.json)")
+    p.add_argument("--run", required=True, type=Path, metavar="RUN_DIR",
+                   help="run directory with run.json and checkpoints/")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--steps", type=lambda s: [int(x) for x in s.split(",")], default=None,
+    p.add_argument("--steps", type=_step_list, default=None, metavar="K[,K...]",
                    help="comma-separated steps instead of the resolver's (e.g. for a partial run)")
     p.add_argument("--checkpoints", type=Path, default=None,
                    help="folder of step_<k>/ checkpoints (default: RUN_DIR/checkpoints); a Pico run's "
@@ -35,19 +43,25 @@ def _common(p) -> None:
                         "the checkpoints folder (needs internet and huggingface_hub)")
 
 
+def _step_list(text: str) -> list[int]:
+    try:
+        return [int(k) for k in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not a comma-separated list of steps (e.g. 0,100,200)") from None
+
+
 def register(subparsers) -> None:
-    p = subparsers.add_parser("evaluate", help="per-domain perplexity / bits per byte and BLiMP of a run's checkpoints")
-    _common(p)
+    p = add_command(subparsers, "evaluate", run_evaluate,
+                    "per-domain perplexity / bits per byte and BLiMP of a run's checkpoints",
+                    "Score a run's checkpoints at the study's evaluation steps: perplexity and bits per byte "
+                    "per held-out domain (perplexity.parquet) and BLiMP accuracy per paradigm "
+                    "(blimp.parquet).")
+    add_run_options(p)
     p.add_argument("--out-dir", type=Path, default=None, help="where the tables go (default: the run directory)")
-    p.set_defaults(handler=run_evaluate)
-
-    p = subparsers.add_parser("dynamics", help="rank metrics of weights, gradients, updates, adapters and CKA")
-    _common(p)
-    p.add_argument("--out-dir", type=Path, default=None, help="where the table goes (default: the run directory)")
-    p.set_defaults(handler=run_dynamics)
 
 
-def _setup(args, kind: str):
+def setup_run(args, kind: str):
     """(study, run, steps, device) for a run directory; errors name the file."""
     import torch
 
@@ -110,10 +124,10 @@ def fetch_pico_checkpoints(repo: str, steps, dest: Path) -> None:
         with atomic_dir(target, CONFIG) as tmp:
             snapshot_download(repo_id=repo_id, revision=commits[step], local_dir=str(tmp),
                               allow_patterns=[CONFIG, WEIGHTS, LEGACY_WEIGHTS])
-        print(f"downloaded {repo_id}@{commits[step][:8]} (step {step}) -> {target}", file=sys.stderr)
+        log.info("downloaded %s@%s (step %d) -> %s", repo_id, commits[step][:8], step, target)
 
 
-def _snapshot_loader(args, run, step):
+def snapshot_loader(args, run, step):
     from ..checkpoint import load_snapshot, step_dir, verify_weights
     from ..model import ModelConfig
 
@@ -124,13 +138,13 @@ def _snapshot_loader(args, run, step):
     return lambda: load_snapshot(path, expected=expected, scale=scale, verified=verified)
 
 
-def _progress(label: str, total: int):
+def progress(label: str, total: int):
     start = time.perf_counter()
     done = [0]
 
     def tick(step):
         done[0] += 1
-        print(f"{label}: step {step} done ({done[0]}/{total}, {time.perf_counter() - start:.1f}s)", file=sys.stderr)
+        log.info("%s: step %d done (%d/%d, %.1fs)", label, step, done[0], total, time.perf_counter() - start)
 
     return tick
 
@@ -140,7 +154,7 @@ def run_evaluate(args) -> int:
     from ..evaluate import blimp_scores, load_tokenizer, read_blimp, read_eval_domains, score_documents
     from ..tables import BLIMP, PERPLEXITY, write_table
 
-    study, run, steps, device = _setup(args, "evaluation")
+    study, run, steps, device = setup_run(args, "evaluation")
     evaluation = study.get("evaluation", {})
     context = run["model"]["max_seq_len"]
     stride = (evaluation.get("perplexity") or {}).get("stride")
@@ -148,7 +162,7 @@ def run_evaluate(args) -> int:
         raise ValueError(f"{args.config}: evaluation.perplexity.stride {stride} must be below the context {context}")
     batch_tokens = evaluation.get("batch_tokens", 4096)
     max_docs = (evaluation.get("perplexity") or {}).get("max_docs")
-    loaders = {step: _snapshot_loader(args, run, step) for step in steps}  # every step exists before work starts
+    loaders = {step: snapshot_loader(args, run, step) for step in steps}  # every step exists before work starts
     verify_inputs(args.data, ["eval/", "blimp/", "tokenizer.json"])  # against the data manifest
     domains = read_eval_domains(args.data / "eval", max_docs)
     pairs = read_blimp(args.data / "blimp")
@@ -157,7 +171,7 @@ def run_evaluate(args) -> int:
     source = str((evaluation.get("blimp") or {}).get("source", "local"))
     keys = {"size": run["size"], "condition": run["condition"], "seed": run["seed"]}
     ppl_rows, blimp_rows = [], []
-    tick = _progress("relora evaluate", len(steps))
+    tick = progress("relora evaluate", len(steps))
     for step in steps:
         model = loaders[step]().model(device)
         for domain, (docs, n_bytes) in domains.items():
@@ -177,35 +191,6 @@ def run_evaluate(args) -> int:
     out = args.out_dir or args.run
     write_table(PERPLEXITY, ppl_rows, out / "perplexity.parquet")
     write_table(BLIMP, blimp_rows, out / "blimp.parquet")
-    print(f"wrote {out / 'perplexity.parquet'} ({len(ppl_rows)} rows) and {out / 'blimp.parquet'} "
-          f"({len(blimp_rows)} rows)", file=sys.stderr)
-    return 0
-
-
-def run_dynamics(args) -> int:
-    from ..data.manifest import verify_inputs
-    from ..dynamics import TARGETS, analyse_checkpoints, load_probe
-    from ..tables import DYNAMICS, write_table
-
-    study, run, steps, device = _setup(args, "analysis")
-    analysis = study.get("analysis", {})
-    targets = tuple(analysis.get("targets", TARGETS))
-    cka = analysis.get("cka", True)
-    loaders = {step: _snapshot_loader(args, run, step) for step in steps}
-    if "gradient" in targets or cka:
-        verify_inputs(args.data, ["probe.npy"])  # against the data manifest
-    probe = load_probe(args.data / "probe.npy") if ("gradient" in targets or cka) else None
-    if probe is not None:
-        context, vocab = run["model"]["max_seq_len"], run["model"]["vocab_size"]
-        if probe.shape[1] - 1 > context or int(probe.max()) >= vocab or int(probe.min()) < 0:
-            raise ValueError(f"{args.data / 'probe.npy'}: windows of {probe.shape[1] - 1} tokens with ids in "
-                             f"[{int(probe.min())}, {int(probe.max())}] do not fit the run's context {context} "
-                             f"and vocabulary {vocab}")
-    rows = analyse_checkpoints(loaders, probe, targets, cka, analysis.get("probe_micro_batch"), device,
-                               progress=_progress("relora dynamics", len(steps)))
-    keys = {"size": run["size"], "condition": run["condition"], "seed": run["seed"]}
-    rows = [{**keys, **row} for row in rows]
-    out = args.out_dir or args.run
-    write_table(DYNAMICS, rows, out / "dynamics.parquet")
-    print(f"wrote {out / 'dynamics.parquet'} ({len(rows)} rows)", file=sys.stderr)
+    log.info("wrote %s (%d rows) and %s (%d rows)", out / "perplexity.parquet", len(ppl_rows),
+             out / "blimp.parquet", len(blimp_rows))
     return 0

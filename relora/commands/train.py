@@ -2,64 +2,65 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
 from pathlib import Path
 
+from . import add_command, add_study_options
+
+log = logging.getLogger("relora.commands.train")
+
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train one run (size x condition x seed)")
-    p.add_argument("--config", required=True, type=Path, help="study YAML")
-    p.add_argument("--size", required=True)
-    p.add_argument("--condition", required=True)
-    p.add_argument("--seed", required=True, type=int)
-    p.add_argument("--data", required=True, type=Path, help="data directory with train.npy")
-    p.add_argument("--out", required=True, type=Path, help="run directory to publish into")
-    p.add_argument("--resume-dir", type=Path, default=None,
+    p = add_command(subparsers, "train", run_train, "train one run (size x condition x seed)",
+                    "Train one run of a study (size x condition x seed) and publish it into --out: "
+                    "checkpoints/, train_metrics.parquet and run.json. A killed run restarted with the same "
+                    "command resumes from its last saved state in --resume-dir.")
+    add_study_options(p)
+    p.add_argument("--size", required=True, help="a model size of the study (a key of `sizes`)")
+    p.add_argument("--condition", required=True, help="a condition of the study (a key of `conditions`)")
+    p.add_argument("--seed", required=True, type=int,
+                   help="a seed of the study (one of `seeds`): initial weights and batch order")
+    p.add_argument("--data", required=True, type=Path, metavar="DATA_DIR",
+                   help="data directory with train.npy (or a streamed-data manifest) and manifest.json")
+    p.add_argument("--out", required=True, type=Path, metavar="RUN_DIR", help="run directory to publish into")
+    p.add_argument("--resume-dir", type=Path, default=None, metavar="DIR",
                    help="where state lives until the run ends (default: <out>/../.resume-<name>)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a study key, e.g. training.lr=1e-3 (repeatable)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--stop-after", type=int, default=None, help=argparse_hidden())
-    p.set_defaults(handler=run_train)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: stop, keep state
 
-    p = subparsers.add_parser("describe", help="parameters, FLOPs and optimizer state of every run of a study")
-    p.add_argument("--config", required=True, type=Path)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p = add_command(subparsers, "describe", run_describe,
+                    "parameters, FLOPs and optimizer state of every run of a study",
+                    "Print, per size and condition of a study, the parameter counts, training FLOPs per "
+                    "token (and relative to full-rank), optimizer state, tokens, merges and the learning "
+                    "rate right after the first merge. Nothing is trained.")
+    add_study_options(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(handler=run_describe)
 
-    p = subparsers.add_parser("export-hf", help="export a checkpoint as a Hugging Face LlamaForCausalLM folder")
-    p.add_argument("checkpoint", type=Path, help="checkpoints/step_<k> directory")
-    p.add_argument("out", type=Path)
-    p.set_defaults(handler=run_export)
-
-
-def argparse_hidden():
-    import argparse
-
-    return argparse.SUPPRESS
+    p = add_command(subparsers, "export-hf", run_export,
+                    "export a checkpoint as a Hugging Face LlamaForCausalLM folder",
+                    "Export one checkpoint (ReLoRA adapters merged) as a Hugging Face LlamaForCausalLM "
+                    "folder with the same logits.")
+    p.add_argument("checkpoint", type=Path, help="a checkpoints/step_<k> directory")
+    p.add_argument("out", type=Path, help="the folder to write (absent, empty or an earlier export)")
 
 
 def run_train(args) -> int:
     from ..config import load_study, resolve_run
-    from ..train import Preempted, TrainingDiverged, train
+    from ..train import Preempted, train
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     study = load_study(args.config, args.overrides)
     run = resolve_run(study, args.size, args.condition, args.seed)
     resume_dir = args.resume_dir or args.out.parent / f".resume-{args.out.name}"
     try:
         result = train(run, args.data, args.out, resume_dir, threads=args.threads, stop_after=args.stop_after)
     except Preempted as e:
-        print(f"relora train: {e}", file=sys.stderr)
+        log.warning("%s", e)
         return e.exit_code
-    except TrainingDiverged as e:
-        print(f"relora train: error: {e}", file=sys.stderr)
-        return 3
     if "stopped_at" in result:
-        print(f"relora train: stopped after step {result['stopped_at']}; state in {resume_dir}", file=sys.stderr)
+        log.info("stopped after step %d; state in %s", result["stopped_at"], resume_dir)
     return 0
 
 
@@ -99,5 +100,5 @@ def run_export(args) -> int:
     from ..export import export_hf
 
     out = export_hf(args.checkpoint, args.out)
-    print(f"wrote {out}")
+    log.info("wrote %s", out)
     return 0

@@ -16,11 +16,14 @@ error naming the file and line.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 from ..io import safe_name
 from .manifest import atomic_path, write_stage
+
+log_progress = logging.getLogger(__name__).info  # the default `log` of the stage builders
 
 REQUIRED = ("sentence_good", "sentence_bad", "field", "linguistics_term", "UID", "pairID")
 HF_DATASET = "nyu-mll/blimp"
@@ -147,7 +150,7 @@ def _unigram_scorer(spec: dict, data_dir: Path, tokenizer: str | os.PathLike, lo
 
 
 def build_blimp(study: dict, out: str | os.PathLike, corpus_dir: str | os.PathLike | None = None,
-                tokenizer: str | os.PathLike | None = None, log=print) -> dict:
+                tokenizer: str | os.PathLike | None = None, log=log_progress) -> dict:
     """Run the blimp stage: <out>/<UID>.jsonl for every paradigm of evaluation.blimp.
 
     With a `tokenizer`, the training tokens of the data folder (out's parent: train.npy, or the

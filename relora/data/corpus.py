@@ -35,6 +35,7 @@ import glob
 import gzip
 import hashlib
 import json
+import logging
 import os
 import re
 import time
@@ -46,6 +47,8 @@ import numpy as np
 
 from ..io import safe_name
 from .manifest import atomic_path, write_json, write_stage
+
+log_progress = logging.getLogger(__name__).info  # the default `log` of the stage builders
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # a domain's held-out share may fall below heldout_fraction by at most this much (2 points)
@@ -272,7 +275,7 @@ def domain_records(corpus: dict, cache: str | None = None) -> tuple[dict, dict]:
     return iterators, provenance
 
 
-def build_corpus(data: dict, corpus_dir: str | os.PathLike, log=print) -> dict:
+def build_corpus(data: dict, corpus_dir: str | os.PathLike, log=log_progress) -> dict:
     """Run the corpus stage for a study's `data` section into corpus_dir (normally
     <data dir>/corpus); returns the stage info, also written to corpus_dir/corpus.json."""
     corpus = data["corpus"]

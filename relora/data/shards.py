@@ -16,6 +16,7 @@ Encoding is batched through `tokenizers`' encode_batch, which runs on all the th
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -24,6 +25,8 @@ import numpy as np
 
 from ..io import safe_name
 from .manifest import atomic_path, write_stage
+
+log_progress = logging.getLogger(__name__).info  # the default `log` of the stage builders
 
 
 class ShardError(ValueError):
@@ -113,7 +116,7 @@ def _eval_docs_hf(data: dict, sources: list | None = None) -> dict[str, list[dic
 
 
 def build_shards(data: dict, corpus_dir: str | os.PathLike, tokenizer_path: str | os.PathLike,
-                 data_dir: str | os.PathLike, threads: int | None = None, log=print) -> dict:
+                 data_dir: str | os.PathLike, threads: int | None = None, log=log_progress) -> dict:
     """Run the tokenize stage: data_dir/train.npy and data_dir/eval/<domain>.parquet from the
     corpus dir and the tokenizer; returns the stage info."""
     from .corpus import corpus_domains, read_docs
@@ -239,7 +242,7 @@ def read_eval(path: str | os.PathLike) -> dict:
 
 
 def build_probe(data: dict, eval_dir: str | os.PathLike, out: str | os.PathLike,
-                tokenizer_path: str | os.PathLike | None = None, log=print) -> dict:
+                tokenizer_path: str | os.PathLike | None = None, log=log_progress) -> dict:
     """Run the probe stage: `out` (normally <data dir>/probe.npy) from the held-out evaluation
     documents in eval_dir; the EOS id comes from the tokenizer (default <eval_dir>/../tokenizer.json)."""
     from .tokenizer import eos_id_of

@@ -16,12 +16,15 @@ the EOS token, then writes `tokenizer.json` under the data dir and records `eos_
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
 from .manifest import atomic_path, write_stage
+
+log_progress = logging.getLogger(__name__).info  # the default `log` of the stage builders
 
 
 class TokenizerError(ValueError):
@@ -109,7 +112,7 @@ def token_byte_lengths(tokenizer) -> np.ndarray:
 
 
 def build_tokenizer(data: dict, corpus_dir: str | os.PathLike, out: str | os.PathLike,
-                    threads: int | None = None, log=print) -> dict:
+                    threads: int | None = None, log=log_progress) -> dict:
     """Run the tokenizer stage: write `out` (normally <data dir>/tokenizer.json); returns the
     stage info."""
     set_threads(threads)

@@ -1,0 +1,57 @@
+"""`relora dynamics`: the analysis stage (docs/design.md, Metrics): spectra of weights, gradients,
+updates and adapters, adapter entries and CKA at the study's analysis steps of a run.
+
+Reads the run and its checkpoints as `relora evaluate` does (relora/commands/evaluate.py), and
+writes RUN_DIR/dynamics.parquet with relora.tables.write_table.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from . import add_command
+from .evaluate import add_run_options, progress, setup_run, snapshot_loader
+
+log = logging.getLogger("relora.commands.dynamics")
+
+
+def register(subparsers) -> None:
+    p = add_command(subparsers, "dynamics", run_dynamics,
+                    "rank metrics of weights, gradients, updates, adapters and CKA",
+                    "Analyse a run's checkpoints at the study's analysis steps: spectrum metrics "
+                    "(proportional effective rank, numerical rank, condition numbers, ...) of every linear "
+                    "module's weight, probe-batch gradient, cumulative update and ReLoRA adapter, the "
+                    "adapters' largest entries, and CKA of each block to the final step "
+                    "(dynamics.parquet).")
+    add_run_options(p)
+    p.add_argument("--out-dir", type=Path, default=None, help="where the table goes (default: the run directory)")
+
+
+def run_dynamics(args) -> int:
+    from ..data.manifest import verify_inputs
+    from ..dynamics import TARGETS, analyse_checkpoints, load_probe
+    from ..tables import DYNAMICS, write_table
+
+    study, run, steps, device = setup_run(args, "analysis")
+    analysis = study.get("analysis", {})
+    targets = tuple(analysis.get("targets", TARGETS))
+    cka = analysis.get("cka", True)
+    loaders = {step: snapshot_loader(args, run, step) for step in steps}
+    if "gradient" in targets or cka:
+        verify_inputs(args.data, ["probe.npy"])  # against the data manifest
+    probe = load_probe(args.data / "probe.npy") if ("gradient" in targets or cka) else None
+    if probe is not None:
+        context, vocab = run["model"]["max_seq_len"], run["model"]["vocab_size"]
+        if probe.shape[1] - 1 > context or int(probe.max()) >= vocab or int(probe.min()) < 0:
+            raise ValueError(f"{args.data / 'probe.npy'}: windows of {probe.shape[1] - 1} tokens with ids in "
+                             f"[{int(probe.min())}, {int(probe.max())}] do not fit the run's context {context} "
+                             f"and vocabulary {vocab}")
+    rows = analyse_checkpoints(loaders, probe, targets, cka, analysis.get("probe_micro_batch"), device,
+                               progress=progress("relora dynamics", len(steps)))
+    keys = {"size": run["size"], "condition": run["condition"], "seed": run["seed"]}
+    rows = [{**keys, **row} for row in rows]
+    out = args.out_dir or args.run
+    write_table(DYNAMICS, rows, out / "dynamics.parquet")
+    log.info("wrote %s (%d rows)", out / "dynamics.parquet", len(rows))
+    return 0
