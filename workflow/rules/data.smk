@@ -6,29 +6,30 @@
 
 rule corpus:
     localrule: downloads("corpus")
+    input:
+        study=ancient(STUDY_FILE),
     output:
         corpus=directory(f"{DATA}/corpus"),
     log:
         f"{LOGS}/data/corpus.log",
     params:
-        study=STUDY_FILE,
         data_hash=get_data_hash,
     conda:
         "../../envs/data.yaml"
     shell:
-        "python -m relora corpus --config {params.study} --out {output.corpus} > {log} 2>&1"
+        "python -m relora corpus --config {input.study} --out {output.corpus} > {log} 2>&1"
 
 
 rule tokenizer:
     localrule: downloads("tokenizer")
     input:
+        study=ancient(STUDY_FILE),
         corpus=f"{DATA}/corpus",
     output:
         tokenizer=f"{DATA}/tokenizer.json",
     log:
         f"{LOGS}/data/tokenizer.log",
     params:
-        study=STUDY_FILE,
         data_hash=get_data_hash,
     threads: threads_for("data")
     resources:
@@ -37,13 +38,14 @@ rule tokenizer:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python -m relora tokenizer --config {params.study} --corpus {input.corpus}"
+        "python -m relora tokenizer --config {input.study} --corpus {input.corpus}"
         " --out {output.tokenizer} --threads {threads} > {log} 2>&1"
 
 
 rule tokenize:
     localrule: downloads("tokenize")
     input:
+        study=ancient(STUDY_FILE),
         corpus=f"{DATA}/corpus",
         tokenizer=f"{DATA}/tokenizer.json",
     output:
@@ -51,7 +53,6 @@ rule tokenize:
     log:
         f"{LOGS}/data/tokenize.log",
     params:
-        study=STUDY_FILE,
         data=output_dir("eval"),
         data_hash=get_data_hash,
     threads: threads_for("data")
@@ -61,12 +62,13 @@ rule tokenize:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python -m relora tokenize --config {params.study} --corpus {input.corpus}"
+        "python -m relora tokenize --config {input.study} --corpus {input.corpus}"
         " --tokenizer {input.tokenizer} --out {params.data} --threads {threads} > {log} 2>&1"
 
 
 rule probe:
     input:
+        study=ancient(STUDY_FILE),
         eval=f"{DATA}/eval",
         tokenizer=f"{DATA}/tokenizer.json",
     output:
@@ -74,7 +76,6 @@ rule probe:
     log:
         f"{LOGS}/data/probe.log",
     params:
-        study=STUDY_FILE,
         data_hash=get_data_hash,
     resources:
         mem_mb=mem_mb_for("data"),
@@ -82,7 +83,7 @@ rule probe:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python -m relora probe --config {params.study} --eval {input.eval}"
+        "python -m relora probe --config {input.study} --eval {input.eval}"
         " --tokenizer {input.tokenizer} --out {output.probe} > {log} 2>&1"
 
 
@@ -92,6 +93,7 @@ rule blimp:
     localrule: downloads("blimp")
     input:
         unpack(get_blimp_source),
+        study=ancient(STUDY_FILE),
         **tokenized_files(),
         corpus=f"{DATA}/corpus",
         tokenizer=f"{DATA}/tokenizer.json",
@@ -101,7 +103,6 @@ rule blimp:
     log:
         f"{LOGS}/data/blimp.log",
     params:
-        study=STUDY_FILE,
         blimp_hash=get_blimp_hash,
     resources:
         mem_mb=mem_mb_for("data"),
@@ -109,7 +110,7 @@ rule blimp:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python -m relora blimp --config {params.study} --corpus {input.corpus}"
+        "python -m relora blimp --config {input.study} --corpus {input.corpus}"
         " --tokenizer {input.tokenizer} --out {output.blimp} > {log} 2>&1"
 
 

@@ -6,6 +6,7 @@
 rule train:
     input:
         unpack(get_train_data),
+        config=ancient(RUN_CONFIG),
     output:
         run=f"{RUN}/run.json",
         metrics=f"{RUN}/train_metrics.parquet",
@@ -15,7 +16,6 @@ rule train:
     benchmark:
         f"{BENCHMARKS}/train/{RUN_KEY}.tsv"
     params:
-        study=STUDY_FILE,
         data=input_dir("tokenizer"),
         run_dir=output_dir("run"),
         resume_dir=RESUME,
@@ -28,7 +28,7 @@ rule train:
     conda:
         "../../envs/train.yaml"
     shell:
-        "python -m relora train --config {params.study} --size {wildcards.size}"
+        "python -m relora train --config {input.config} --size {wildcards.size}"
         " --condition {wildcards.condition} --seed {wildcards.seed} --data {params.data}"
         " --out {params.run_dir} --resume-dir {params.resume_dir} --threads {threads}"
         " > {log} 2>&1"

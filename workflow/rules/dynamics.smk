@@ -5,6 +5,7 @@
 
 rule dynamics:
     input:
+        config=ancient(RUN_CONFIG),
         run=f"{RUN}/run.json",
         checkpoints=f"{RUN}/checkpoints",
         probe=f"{DATA}/probe.npy",
@@ -15,7 +16,6 @@ rule dynamics:
     benchmark:
         f"{BENCHMARKS}/dynamics/{RUN_KEY}.tsv"
     params:
-        study=STUDY_FILE,
         data=input_dir("probe"),
         run_dir=input_dir("run"),
         dynamics_hash=get_dynamics_hash,
@@ -27,5 +27,5 @@ rule dynamics:
     conda:
         "../../envs/train.yaml"
     shell:
-        "python -m relora dynamics --config {params.study} --data {params.data}"
+        "python -m relora dynamics --config {input.config} --data {params.data}"
         " --run {params.run_dir} --threads {threads} > {log} 2>&1"
