@@ -34,9 +34,12 @@ def test_every_study_dry_runs(workdir, path):
     study = load_study(path)
     n_runs = len(runs(study))
     counts = job_counts(result)
-    for rule in ("run_config", "train", "evaluate", "dynamics"):
+    for rule in ("train", "evaluate", "dynamics"):
         assert counts[rule] == n_runs, (rule, counts)
-    for rule in ("study_config", "corpus", "tokenizer", "tokenize", "probe", "blimp", "manifest",
+    # what the jobs read: a file per run and stage (train, evaluate, dynamics), one per data and
+    # results stage (data, blimp, aggregate, report)
+    assert counts["run_config"] == 3 * n_runs and counts["study_config"] == 4, counts
+    for rule in ("corpus", "tokenizer", "tokenize", "probe", "blimp", "manifest",
                  "aggregate", "figures", "report"):
         assert counts[rule] == 1, (rule, counts)
     assert planned_runs(result) == {f"size={s}/condition={c}/seed={n}" for s, c, n in runs(study)}
@@ -51,9 +54,9 @@ def test_default_study_is_config_yaml(workdir):
 
 
 def study_as_jobs_read_it(workdir, name, *args):
-    """Run only the job writing results/<name>/study.yaml (what the data and results jobs
-    read) and load the file."""
-    target = f"results/{name}/study.yaml"
+    """Run only the job writing results/<name>/config/aggregate.yaml (the whole study, as the
+    database job reads it) and load the file."""
+    target = f"results/{name}/config/aggregate.yaml"
     result = snakemake(workdir, "--cores", "1", target, *args)
     assert result.returncode == 0, output_of(result)
     return load_yaml(workdir / target)

@@ -17,8 +17,7 @@ RUN_TABLES = ("run.json", "train_metrics.parquet", "perplexity.parquet", "blimp.
 
 def test_study_produces_every_output(e2e_study):
     results = e2e_study.results
-    for name in ("study.duckdb", "report.html", "study.yaml", "config/size=mini/condition=full/seed=0.yaml",
-                 "data/manifest.json",
+    for name in ("study.duckdb", "report.html", "data/manifest.json",
                  "data/train.npy", "data/tokenizer.json", "data/probe.npy"):
         assert (results / name).is_file(), name
     assert list((results / "data/eval").glob("*.parquet"))
@@ -32,17 +31,23 @@ def test_study_produces_every_output(e2e_study):
         assert steps == [0, 4, 6, 8, 10, 12]
     # resumable state is published into the run directory and deleted when a run ends
     assert not list(results.glob("resume/**/state.pt"))
+    # what the jobs read (results/<study>/config/)
+    for stage in ("data", "blimp", "aggregate", "report"):
+        assert (results / "config" / f"{stage}.yaml").is_file(), stage
+    for stage in ("train", "evaluate", "dynamics"):
+        for run in e2e_study.run_dirs():
+            assert (results / "config" / stage / f"{run.relative_to(results / 'runs')}.yaml").is_file()
 
 
 def test_each_run_reads_its_study_narrowed_to_it(e2e_study):
-    """results/<study>/config/<run>.yaml: one size, one seed, the run's condition (and, for the
-    paired control `full`, the conditions whose merges set its analysis steps); it resolves to
-    the same run as the whole study."""
+    """results/<study>/config/<stage>/<run>.yaml: one size, one seed, the run's condition (and,
+    for the paired control `full`, the conditions whose merges set its analysis steps); it
+    resolves to the same run as the whole study."""
     study = load_study(e2e_study.study_file)
     for run in e2e_study.run_dirs():
         key = run.relative_to(e2e_study.results / "runs")
         size, condition, seed = (part.split("=")[1] for part in key.parts)
-        narrowed = load_study(e2e_study.results / "config" / f"{key}.yaml")
+        narrowed = load_study(e2e_study.results / "config/train" / f"{key}.yaml")
         assert list(narrowed["sizes"]) == [size] and narrowed["seeds"] == [int(seed)]
         expected = list(study["conditions"]) if condition == "full" else [condition]
         assert list(narrowed["conditions"]) == expected
@@ -130,12 +135,12 @@ def test_changing_one_condition_reruns_only_its_jobs(copied_study, tmp_path):
     relora_runs = {f"size=mini/condition=relora/seed={n}" for n in study["seeds"]}
     for rule in ("train", "evaluate", "dynamics"):
         assert planned_runs(result, rule) == relora_runs, rule
-    # the paired control's file names every condition: rewritten, but `full` is not re-run
-    full_runs = {f"size=mini/condition=full/seed={n}" for n in study["seeds"]}
-    assert planned_runs(result, "run_config") == relora_runs | full_runs
+    assert planned_runs(result, "run_config") == relora_runs  # its train, evaluate, dynamics files
     counts = job_counts(result)
+    assert counts["run_config"] == 3 * len(relora_runs)
     assert not {"corpus", "tokenizer", "tokenize", "probe", "blimp", "manifest"} & set(counts)
-    assert counts["study_config"] == counts["aggregate"] == counts["figures"] == counts["report"] == 1
+    assert counts["study_config"] == 2  # aggregate's and report's files
+    assert counts["aggregate"] == counts["figures"] == counts["report"] == 1
 
 
 def test_changing_one_runs_steps_reruns_only_its_jobs(copied_study, tmp_path):
@@ -152,13 +157,13 @@ def test_changing_one_runs_steps_reruns_only_its_jobs(copied_study, tmp_path):
 
 
 def test_changing_how_often_training_logs_retrains_nothing(copied_study, tmp_path):
-    """A setting the train job reads that changes none of its outputs rewrites the runs' files
-    (for their next run) and re-runs no run job."""
+    """A setting the train job reads that changes none of its outputs re-runs no run job (the
+    database, which records every run's settings, is rebuilt)."""
     workdir, study = copied_study
     study["training"]["log_every"] = 2
     counts = job_counts(dry_run_with(workdir, study, tmp_path))
-    assert counts["run_config"] == len(study["seeds"]) * len(study["conditions"])
-    assert not {"train", "evaluate", "dynamics", "corpus", "tokenize"} & set(counts), counts
+    assert not {"run_config", "train", "evaluate", "dynamics", "corpus", "tokenize", "blimp"} & set(counts), counts
+    assert counts["aggregate"] == 1
 
 
 def test_changing_blimp_reruns_evaluation_not_training(copied_study, tmp_path):

@@ -52,12 +52,12 @@ def job_counts(result: subprocess.CompletedProcess) -> dict[str, int]:
 
 def planned_runs(result: subprocess.CompletedProcess, rule: str = "train") -> set[str]:
     """`size=/condition=/seed=` keys of the jobs of `rule` that a (dry) run lists (the runs/
-    folders they read or write; for `run_config`, the config/ file it writes)."""
+    folders they read or write; for `run_config`, the config/<stage>/ file it writes)."""
     text = output_of(result)
     keys = set()
     for block in re.split(r"\n(?=\[.*\]\n(?:local)?rule )", text):
         if re.search(rf"^(?:local)?rule {rule}:", block, flags=re.M):
-            keys.update(re.findall(r"(?:runs|config)/(size=[^/]+/condition=[^/]+/seed=\d+)[/.]", block))
+            keys.update(re.findall(r"(?:runs|config/\w+)/(size=[^/]+/condition=[^/]+/seed=\d+)[/.]", block))
     return keys
 
 

@@ -55,10 +55,18 @@ RUN_KEY = "size={size}/condition={condition}/seed={seed}"
 LOGS = f"{RESULTS}/logs"
 BENCHMARKS = f"{RESULTS}/benchmarks"
 # What the jobs read with --config: files written by the rules of config.smk, never at parse
-# time (a dry run writes nothing). The study-wide file serves the data and results stages; each
-# run's train, evaluate and dynamics jobs read the study narrowed to that run (run_study).
-STUDY_FILE = f"{RESULTS}/study.yaml"
-RUN_CONFIG = f"{RESULTS}/config/{RUN_KEY}.yaml"
+# time (a dry run writes nothing), one per stage: the whole study for the data and results
+# stages, and for each run's train, evaluate and dynamics jobs the study narrowed to that run.
+STUDY_CONFIG = f"{RESULTS}/config/{{stage}}.yaml"
+RUN_CONFIG = f"{RESULTS}/config/{{stage}}/{RUN_KEY}.yaml"
+
+
+def study_config(stage):
+    return STUDY_CONFIG.replace("{stage}", stage)
+
+
+def run_config(stage):
+    return RUN_CONFIG.replace("{stage}", stage)
 
 
 wildcard_constraints:
@@ -88,11 +96,11 @@ def settings_text(study, header):
 
 
 def study_settings():
-    """The study-wide file: the validated study with every default filled in, less its
+    """A study-wide file: the validated study with every default filled in, less its
     `workflow` section (how jobs are scheduled, which no job reads)."""
     study = {k: v for k, v in STUDY.items() if k != "workflow"}
-    return settings_text(study, f"study '{STUDY['study']}' as its data and results jobs read it "
-                                "(validated, defaults filled in; without the workflow section)")
+    return settings_text(study, f"study '{STUDY['study']}' (validated, defaults filled in; without "
+                                "the workflow section)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -118,21 +126,14 @@ def run_study(size, condition, seed):
 def run_settings(wildcards):
     study = run_study(wildcards.size, wildcards.condition, int(wildcards.seed))
     return settings_text(study, f"study '{STUDY['study']}' narrowed to the run size={wildcards.size} "
-                                f"condition={wildcards.condition} seed={wildcards.seed}, as its jobs read it")
+                                f"condition={wildcards.condition} seed={wildcards.seed}")
 
 
-def text_hash(text):
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def get_study_settings_hash(wildcards):
-    """The params of the job writing the file, which therefore re-runs (and rewrites the file)
-    exactly when its content would change."""
-    return text_hash(study_settings())
-
-
-def get_run_settings_hash(wildcards):
-    return text_hash(run_settings(wildcards))
+def get_stage_hash(wildcards):
+    """The params of the job writing a stage's file: the hash of exactly the settings that
+    stage's outputs depend on (below), so that the file is rewritten, and the stage's jobs
+    re-run, exactly when one of them changes."""
+    return STAGE_HASHES[wildcards.stage](wildcards)
 
 
 def write_settings(path, text, log):
@@ -140,7 +141,7 @@ def write_settings(path, text, log):
 
     atomic_write_text(path, text)
     with open(log, "w") as f:
-        f.write(f"wrote {path} (settings {text_hash(text)})\n")
+        f.write(f"wrote {path}\n")
 
 
 # --- runs and hashes -------------------------------------------------------------------------
@@ -226,6 +227,11 @@ def get_aggregate_hash(wildcards):
 def get_results_hash(wildcards):
     """Figures and report read the whole study, except how it is scheduled."""
     return config_hash({k: v for k, v in STUDY.items() if k != "workflow"})
+
+
+STAGE_HASHES = {"data": get_data_hash, "blimp": get_blimp_hash, "aggregate": get_aggregate_hash,
+                "report": get_results_hash, "train": get_run_hash, "evaluate": get_evaluation_hash,
+                "dynamics": get_dynamics_hash}
 
 
 # --- inputs ----------------------------------------------------------------------------------

@@ -1,21 +1,23 @@
 # What the jobs read with --config, written by jobs (never while the Snakefile is parsed, so a
-# dry run writes nothing): the study-wide file and one file per run. Each rule re-runs exactly
-# when its file's content would change (its params carry the content's hash). The jobs declare
-# the file as an `ancient` input and carry in their own params the hash of what changes their
-# outputs: a file rewritten for another reason (a setting the job reads but that changes none
-# of its outputs, such as training.log_every) reaches the job's next run without re-running it.
+# dry run writes nothing): one file per stage, and per run for the train, evaluate and dynamics
+# stages. A file is rewritten exactly when a setting its stage's outputs depend on changes (its
+# params carry their hash, common.smk: STAGE_HASHES), and so re-runs the stage's jobs, which read
+# it as an input; settings that change no output (how often training logs or saves its state)
+# reach a file when it is next rewritten.
 
 
 rule study_config:
     localrule: True
     output:
-        study=STUDY_FILE,
+        config=STUDY_CONFIG,
     log:
-        f"{LOGS}/config/study.log",
+        f"{LOGS}/config/{{stage}}.log",
     params:
-        settings_hash=get_study_settings_hash,
+        settings_hash=get_stage_hash,
+    wildcard_constraints:
+        stage="data|blimp|aggregate|report",
     run:
-        write_settings(output.study, study_settings(), log[0])
+        write_settings(output.config, study_settings(), log[0])
 
 
 rule run_config:
@@ -23,8 +25,10 @@ rule run_config:
     output:
         config=RUN_CONFIG,
     log:
-        f"{LOGS}/config/{RUN_KEY}.log",
+        f"{LOGS}/config/{{stage}}/{RUN_KEY}.log",
     params:
-        settings_hash=get_run_settings_hash,
+        settings_hash=get_stage_hash,
+    wildcard_constraints:
+        stage="train|evaluate|dynamics",
     run:
         write_settings(output.config, run_settings(wildcards), log[0])

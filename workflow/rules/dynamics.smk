@@ -5,7 +5,7 @@
 
 rule dynamics:
     input:
-        config=ancient(RUN_CONFIG),
+        config=run_config("dynamics"),
         run=f"{RUN}/run.json",
         checkpoints=f"{RUN}/checkpoints",
         probe=f"{DATA}/probe.npy",
@@ -18,7 +18,6 @@ rule dynamics:
     params:
         data=input_dir("probe"),
         run_dir=input_dir("run"),
-        dynamics_hash=get_dynamics_hash,
     threads: threads_for("dynamics")
     resources:
         mem_mb=mem_mb_for("dynamics"),

@@ -4,7 +4,7 @@
 
 rule evaluate:
     input:
-        config=ancient(RUN_CONFIG),
+        config=run_config("evaluate"),
         run=f"{RUN}/run.json",
         checkpoints=f"{RUN}/checkpoints",
         eval=f"{DATA}/eval",
@@ -20,7 +20,6 @@ rule evaluate:
     params:
         data=input_dir("tokenizer"),
         run_dir=input_dir("run"),
-        evaluation_hash=get_evaluation_hash,
     threads: threads_for("evaluate")
     resources:
         mem_mb=mem_mb_for("evaluate"),

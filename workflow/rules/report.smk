@@ -5,7 +5,7 @@ rule aggregate:
     input:
         unpack(get_run_outputs),
         unpack(get_blimp_reference),
-        study=ancient(STUDY_FILE),
+        config=study_config("aggregate"),
         blimp_unigram=f"{DATA}/blimp_unigram.parquet",
     output:
         db=f"{RESULTS}/study.duckdb",
@@ -13,7 +13,6 @@ rule aggregate:
         f"{LOGS}/results/aggregate.log",
     params:
         runs=get_run_dirs,
-        aggregate_hash=get_aggregate_hash,
     threads: threads_for("results")
     resources:
         mem_mb=mem_mb_for("results"),
@@ -21,7 +20,7 @@ rule aggregate:
     conda:
         "../../envs/results.yaml"
     shell:
-        "python -m relora aggregate --config {input.study} --runs {params.runs}"
+        "python -m relora aggregate --config {input.config} --runs {params.runs}"
         " --blimp-baselines {input.blimp_unigram} --out {output.db} > {log} 2>&1"
 
 
@@ -52,7 +51,7 @@ rule figures:
 
 rule report:
     input:
-        study=ancient(STUDY_FILE),
+        config=study_config("report"),
         db=f"{RESULTS}/study.duckdb",
         figures=f"{RESULTS}/figures",
         manifest=f"{DATA}/manifest.json",
@@ -64,8 +63,6 @@ rule report:
         ),
     log:
         f"{LOGS}/results/report.log",
-    params:
-        results_hash=get_results_hash,
     threads: threads_for("results")
     resources:
         mem_mb=mem_mb_for("results"),
@@ -73,5 +70,5 @@ rule report:
     conda:
         "../../envs/results.yaml"
     shell:
-        "python -m relora report --config {input.study} --db {input.db}"
+        "python -m relora report --config {input.config} --db {input.db}"
         " --figures {input.figures} --manifest {input.manifest} --out {output.report} > {log} 2>&1"

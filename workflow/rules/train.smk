@@ -6,7 +6,7 @@
 rule train:
     input:
         unpack(get_train_data),
-        config=ancient(RUN_CONFIG),
+        config=run_config("train"),
     output:
         run=f"{RUN}/run.json",
         metrics=f"{RUN}/train_metrics.parquet",
@@ -19,7 +19,6 @@ rule train:
         data=input_dir("tokenizer"),
         run_dir=output_dir("run"),
         resume_dir=RESUME,
-        run_hash=get_run_hash,
     threads: threads_for("train")
     resources:
         mem_mb=get_train_mem_mb,
