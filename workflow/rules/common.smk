@@ -92,7 +92,8 @@ class StudyDumper(yaml.SafeDumper):
 
 def settings_text(study, header):
     body = yaml.dump(study, Dumper=StudyDumper, sort_keys=False)
-    return f"# {header}\n{body}"
+    return (f"# {header}\n# written when a setting the reading stage's outputs depend on last changed; "
+            f"what that stage does not read is as it was then\n{body}")
 
 
 def study_settings():
