@@ -44,7 +44,7 @@ def study(e2e_study, tmp_path):
     shutil.copytree(e2e_study.results / "runs" / RUN, run)
 
     class Study:
-        config = e2e_study.results / "study.yaml"  # the validated study the jobs read
+        config = e2e_study.results / "config/aggregate.yaml"  # the validated study, as a job reads it
         raw = yaml.safe_load(e2e_study.study_file.read_text())
         reference = e2e_study.results / "runs" / RUN
         results = e2e_study.results
@@ -276,7 +276,7 @@ def results(e2e_study, tmp_path):
         shutil.copy2(e2e_study.results / name, root / name)
     shutil.copytree(e2e_study.results / "figures", root / "figures")
     runs = [str(p) for p in e2e_study.run_dirs()]
-    config, manifest = e2e_study.results / "study.yaml", e2e_study.results / "data" / "manifest.json"
+    config, manifest = e2e_study.results / "config/data.yaml", e2e_study.results / "data" / "manifest.json"
     return root, {
         "study.duckdb": ["aggregate", "--config", str(config), "--runs", *runs, "--out", str(root / "study.duckdb")],
         "figures/train_loss.svg": ["figures", "--db", str(root / "study.duckdb"), "--out-dir", str(root / "figures"),

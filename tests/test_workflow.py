@@ -1,14 +1,16 @@
-"""The Snakemake workflow without running a job: every study dry-runs with the DAG the resolver
-implies, `--lint` is clean, a `--configfile` replaces config.yaml, bad configs fail early."""
+"""The Snakemake workflow without running a training job: every study dry-runs with the DAG the
+resolver implies and a dry run writes nothing, `--lint` is clean, a `--configfile` replaces
+config.yaml, bad configs fail early."""
 
 import copy
 import shutil
+import subprocess
 
 import pytest
 
 from relora.config import load_study, resolve_run, runs
 from workflow_helpers import (REPO, STUDIES, job_counts, load_yaml, output_of, planned_runs,
-                              snakemake, write_study)
+                              snakemake, tiny_study, tree_listing, write_study)
 
 
 @pytest.fixture
@@ -34,8 +36,11 @@ def test_every_study_dry_runs(workdir, path):
     counts = job_counts(result)
     for rule in ("train", "evaluate", "dynamics"):
         assert counts[rule] == n_runs, (rule, counts)
-    for rule in ("corpus", "tokenizer", "tokenize", "probe", "blimp", "manifest", "aggregate",
-                 "figures", "report"):
+    # what the jobs read: a file per run and stage (train, evaluate, dynamics), one per data and
+    # results stage (data, blimp, aggregate, report)
+    assert counts["run_config"] == 3 * n_runs and counts["study_config"] == 4, counts
+    for rule in ("corpus", "tokenizer", "tokenize", "probe", "blimp", "manifest",
+                 "aggregate", "figures", "report"):
         assert counts[rule] == 1, (rule, counts)
     assert planned_runs(result) == {f"size={s}/condition={c}/seed={n}" for s, c, n in runs(study)}
 
@@ -48,6 +53,44 @@ def test_default_study_is_config_yaml(workdir):
     assert f"results/{study['study']}/report.html" in output_of(result)
 
 
+def study_as_jobs_read_it(workdir, name, *args):
+    """Run only the job writing results/<name>/config/aggregate.yaml (the whole study, as the
+    database job reads it) and load the file."""
+    target = f"results/{name}/config/aggregate.yaml"
+    result = snakemake(workdir, "--cores", "1", target, *args)
+    assert result.returncode == 0, output_of(result)
+    return load_yaml(workdir / target)
+
+
+def git_status(workdir):
+    """`git status --porcelain --ignored` of every file, less Snakemake's own .snakemake/."""
+    text = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all"],
+                          cwd=workdir, capture_output=True, text=True, check=True).stdout
+    return sorted(line for line in text.splitlines() if not line[3:].startswith(".snakemake/"))
+
+
+@pytest.mark.parametrize("study", ["default", "other", "shrunk"])
+def test_dry_run_writes_nothing(workdir, tmp_path_factory, study):
+    """`snakemake -n` writes no file outside .snakemake/ (what the jobs read is written by jobs):
+    the default study, another study name, and the shrunk test study, in a folder that already
+    holds an earlier study's results."""
+    args = []
+    if study != "default":
+        root = tmp_path_factory.mktemp("studies")
+        spec = tiny_study(root) if study == "shrunk" else {**load_yaml(REPO / "config.yaml"),
+                                                             "study": "other"}
+        args = ["--configfile", str(write_study(root / f"{study}.yaml", spec))]
+    (workdir / "results/earlier").mkdir(parents=True)
+    (workdir / "results/earlier/study.yaml").write_text("study: earlier\n")
+    subprocess.run(["git", "init", "-q"], cwd=workdir, check=True)
+    status, listing = git_status(workdir), tree_listing(workdir)
+    result = snakemake(workdir, "--dry-run", *args)
+    assert result.returncode == 0, output_of(result)
+    assert "rule train:" in output_of(result)
+    assert git_status(workdir) == status
+    assert tree_listing(workdir) == listing
+
+
 @pytest.mark.parametrize("edit, expected_runs, key, value", [
     ("seeds=[0,1]", 12, ("seeds",), [0, 1]),
     ("training={steps: 120, lr: 1e-3}", 6, ("training", "lr"), 1e-3),
@@ -57,7 +100,7 @@ def test_config_edits_numbers_lists_and_nested_keys(workdir, edit, expected_runs
     result = snakemake(workdir, "--dry-run", "--config", edit)
     assert result.returncode == 0, output_of(result)
     assert job_counts(result)["train"] == expected_runs
-    study = load_yaml(workdir / "results" / "default" / "study.yaml")
+    study = study_as_jobs_read_it(workdir, "default", "--config", edit)
     for part in key:
         study = study[part]
     assert study == value
@@ -78,7 +121,7 @@ def test_configfile_replaces_config_yaml(workdir, tmp_path_factory):
     assert planned_runs(result) == {"size=mini/condition=full/seed=3"}
     assert "results/default" not in output_of(result)
     # what the jobs read is the replacing study alone
-    written = load_yaml(workdir / "results/other/study.yaml")
+    written = study_as_jobs_read_it(workdir, "other", "--configfile", str(path))
     assert set(written["sizes"]) == {"mini"} and set(written["conditions"]) == {"full"}
     assert written["seeds"] == [3]
 
@@ -90,7 +133,8 @@ def test_config_overrides_still_apply(workdir):
     study = load_study(REPO / "config.yaml")
     assert len(planned_runs(result)) == len(runs(study))
     assert "results/renamed/report.html" in output_of(result)
-    assert load_yaml(workdir / "results/renamed/study.yaml")["sizes"] == study["sizes"]
+    written = study_as_jobs_read_it(workdir, "renamed", "--config", "study=renamed")
+    assert written["sizes"] == study["sizes"]
 
 
 def test_invalid_study_fails_before_any_job_naming_the_key(workdir, tmp_path_factory):

@@ -6,7 +6,8 @@ import shutil
 import pytest
 import yaml
 
-from workflow_helpers import job_counts, output_of, planned_runs, snakemake, write_study
+from relora.config import load_study, resolve_run
+from workflow_helpers import job_counts, output_of, planned_runs, snakemake, tree_listing, write_study
 
 pytestmark = pytest.mark.slow
 
@@ -16,7 +17,7 @@ RUN_TABLES = ("run.json", "train_metrics.parquet", "perplexity.parquet", "blimp.
 
 def test_study_produces_every_output(e2e_study):
     results = e2e_study.results
-    for name in ("study.duckdb", "report.html", "study.yaml", "data/manifest.json",
+    for name in ("study.duckdb", "report.html", "data/manifest.json",
                  "data/train.npy", "data/tokenizer.json", "data/probe.npy"):
         assert (results / name).is_file(), name
     assert list((results / "data/eval").glob("*.parquet"))
@@ -30,6 +31,27 @@ def test_study_produces_every_output(e2e_study):
         assert steps == [0, 4, 6, 8, 10, 12]
     # resumable state is published into the run directory and deleted when a run ends
     assert not list(results.glob("resume/**/state.pt"))
+    # what the jobs read (results/<study>/config/)
+    for stage in ("data", "blimp", "aggregate", "report"):
+        assert (results / "config" / f"{stage}.yaml").is_file(), stage
+    for stage in ("train", "evaluate", "dynamics"):
+        for run in e2e_study.run_dirs():
+            assert (results / "config" / stage / f"{run.relative_to(results / 'runs')}.yaml").is_file()
+
+
+def test_each_run_reads_its_study_narrowed_to_it(e2e_study):
+    """results/<study>/config/<stage>/<run>.yaml: one size, one seed, the run's condition (and,
+    for the paired control `full`, the conditions whose merges set its analysis steps); it
+    resolves to the same run as the whole study."""
+    study = load_study(e2e_study.study_file)
+    for run in e2e_study.run_dirs():
+        key = run.relative_to(e2e_study.results / "runs")
+        size, condition, seed = (part.split("=")[1] for part in key.parts)
+        narrowed = load_study(e2e_study.results / "config/train" / f"{key}.yaml")
+        assert list(narrowed["sizes"]) == [size] and narrowed["seeds"] == [int(seed)]
+        expected = list(study["conditions"]) if condition == "full" else [condition]
+        assert list(narrowed["conditions"]) == expected
+        assert resolve_run(narrowed, size, condition, int(seed)) == resolve_run(study, size, condition, int(seed))
 
 
 def test_every_heavy_job_has_a_log_and_a_benchmark(e2e_study):
@@ -96,9 +118,13 @@ def copied_study(e2e_study, tmp_path):
 
 
 def dry_run_with(workdir, study, tmp_path):
+    """A dry run with the changed study; it writes nothing (what the jobs read stays as the run
+    left it)."""
     path = write_study(tmp_path / "changed.yaml", study)
+    before = tree_listing(workdir)
     result = snakemake(workdir, "--dry-run", "--configfile", str(path))
     assert result.returncode == 0, output_of(result)
+    assert tree_listing(workdir) == before
     return result
 
 
@@ -109,9 +135,35 @@ def test_changing_one_condition_reruns_only_its_jobs(copied_study, tmp_path):
     relora_runs = {f"size=mini/condition=relora/seed={n}" for n in study["seeds"]}
     for rule in ("train", "evaluate", "dynamics"):
         assert planned_runs(result, rule) == relora_runs, rule
+    assert planned_runs(result, "run_config") == relora_runs  # its train, evaluate, dynamics files
     counts = job_counts(result)
+    assert counts["run_config"] == 3 * len(relora_runs)
     assert not {"corpus", "tokenizer", "tokenize", "probe", "blimp", "manifest"} & set(counts)
+    assert counts["study_config"] == 2  # aggregate's and report's files
     assert counts["aggregate"] == counts["figures"] == counts["report"] == 1
+
+
+def test_changing_one_runs_steps_reruns_only_its_jobs(copied_study, tmp_path):
+    """The paired control's steps: only its runs' files and jobs (and the results)."""
+    workdir, study = copied_study
+    study["conditions"]["full"]["training"] = {"steps": 10}
+    result = dry_run_with(workdir, study, tmp_path)
+    full_runs = {f"size=mini/condition=full/seed={n}" for n in study["seeds"]}
+    for rule in ("run_config", "train", "evaluate", "dynamics"):
+        assert planned_runs(result, rule) == full_runs, rule
+    counts = job_counts(result)
+    assert set(counts) == {"run_config", "train", "evaluate", "dynamics", "study_config", "aggregate",
+                           "figures", "report", "all"}, counts
+
+
+def test_changing_how_often_training_logs_retrains_nothing(copied_study, tmp_path):
+    """A setting the train job reads that changes none of its outputs re-runs no run job (the
+    database, which records every run's settings, is rebuilt)."""
+    workdir, study = copied_study
+    study["training"]["log_every"] = 2
+    counts = job_counts(dry_run_with(workdir, study, tmp_path))
+    assert not {"run_config", "train", "evaluate", "dynamics", "corpus", "tokenize", "blimp"} & set(counts), counts
+    assert counts["aggregate"] == 1
 
 
 def test_changing_blimp_reruns_evaluation_not_training(copied_study, tmp_path):
@@ -155,4 +207,4 @@ def test_report_settings_redraw_without_reaggregating(copied_study, tmp_path):
     workdir, study = copied_study
     study["report"] = {"title": "Another title"}
     counts = job_counts(dry_run_with(workdir, study, tmp_path))
-    assert set(counts) == {"figures", "report", "all"}, counts
+    assert set(counts) == {"study_config", "figures", "report", "all"}, counts

@@ -100,3 +100,20 @@ def test_base_install_can_build_the_snakemake_report():
     names = set(requirements(base))
     missing = [r for r in requirements(extra) if r not in names]
     assert not missing, f"the base install lacks Snakemake's report dependencies {missing}"
+
+
+def test_catalog_usage_says_what_the_workflow_has():
+    """.snakemake-workflow-catalog.yml: conda only where every rule that runs a command names an
+    environment; no container claimed while no rule names one (README, Software environments)."""
+    usage = yaml.safe_load((REPO / ".snakemake-workflow-catalog.yml").read_text())["usage"]
+    deployment = usage["software-stack-deployment"]
+    rules = "".join(p.read_text() for p in sorted((REPO / "workflow/rules").glob("*.smk")))
+    rules += (REPO / "Snakefile").read_text()
+    n_commands = len(re.findall(r"^\s+shell:\s*$", rules, flags=re.M))
+    n_envs = len(re.findall(r"^\s+conda:\s*$", rules, flags=re.M))
+    assert deployment["conda"] == (n_commands > 0 and n_envs == n_commands), (n_commands, n_envs)
+    has_container = bool(re.search(r"^\s*container:", rules, flags=re.M))
+    assert deployment["apptainer"] == has_container
+    assert deployment["apptainer+conda"] == (has_container and deployment["conda"])
+    assert deployment["report"] is True  # tests/test_workflow_e2e.py builds the report zip
+    assert "## Software environments" in (REPO / "README.md").read_text()

@@ -51,13 +51,27 @@ def job_counts(result: subprocess.CompletedProcess) -> dict[str, int]:
 
 
 def planned_runs(result: subprocess.CompletedProcess, rule: str = "train") -> set[str]:
-    """`size=/condition=/seed=` keys of the jobs of `rule` that a (dry) run lists."""
+    """`size=/condition=/seed=` keys of the jobs of `rule` that a (dry) run lists (the runs/
+    folders they read or write; for `run_config`, the config/<stage>/ file it writes)."""
     text = output_of(result)
     keys = set()
     for block in re.split(r"\n(?=\[.*\]\n(?:local)?rule )", text):
         if re.search(rf"^(?:local)?rule {rule}:", block, flags=re.M):
-            keys.update(re.findall(r"runs/(size=[^/]+/condition=[^/]+/seed=\d+)/", block))
+            keys.update(re.findall(r"(?:runs|config/\w+)/(size=[^/]+/condition=[^/]+/seed=\d+)[/.]", block))
     return keys
+
+
+def tree_listing(root: Path, skip=(".snakemake", ".git")) -> dict[str, tuple]:
+    """{relative path: (size, mtime_ns)} of every file and folder under root, but the folders
+    Snakemake and git keep for themselves."""
+    listing = {}
+    for path in sorted(Path(root).rglob("*")):
+        relative = path.relative_to(root)
+        if relative.parts[0] in skip:
+            continue
+        stat = path.lstat()
+        listing[str(relative)] = (stat.st_size if path.is_file() else None, stat.st_mtime_ns)
+    return listing
 
 
 def write_study(path: Path, study: dict) -> Path:

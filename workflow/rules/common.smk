@@ -1,6 +1,7 @@
 # Everything that is not a rule: the study (validated and resolved by relora.config), paths,
 # wildcard constraints, and the input, params and resources functions of the rules.
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -53,10 +54,33 @@ RESUME = f"{RESULTS}/resume/size={{size}}/condition={{condition}}/seed={{seed}}"
 RUN_KEY = "size={size}/condition={condition}/seed={seed}"
 LOGS = f"{RESULTS}/logs"
 BENCHMARKS = f"{RESULTS}/benchmarks"
-# the validated study with every default filled in: what each job reads with --config. It is
-# written here (only when it changes) rather than by a rule, so that editing one condition
-# re-runs only that condition's jobs: each rule's params carry a hash of exactly what it depends on.
-STUDY_FILE = f"{RESULTS}/study.yaml"
+# What the jobs read with --config: files written by the rules of config.smk, never at parse
+# time (a dry run writes nothing), one per stage: the whole study for the data and results
+# stages, and for each run's train, evaluate and dynamics jobs the study narrowed to that run.
+STUDY_CONFIG = f"{RESULTS}/config/{{stage}}.yaml"
+RUN_CONFIG = f"{RESULTS}/config/{{stage}}/{RUN_KEY}.yaml"
+
+
+def study_config(stage):
+    return STUDY_CONFIG.replace("{stage}", stage)
+
+
+def run_config(stage):
+    return RUN_CONFIG.replace("{stage}", stage)
+
+
+wildcard_constraints:
+    size="|".join(re.escape(s) for s in STUDY["sizes"]),
+    condition="|".join(re.escape(c) for c in STUDY["conditions"]),
+    seed="|".join(str(n) for n in STUDY["seeds"]),
+
+
+# --- the files the jobs read ------------------------------------------------------------------
+
+# keys that only the database and the figures read (aggregate, report): not part of a run's
+# settings, so not in its file nor in the hashes of its jobs
+AGGREGATE_ONLY = {"analysis": ("reference_condition", "confidence", "final_loss_window"),
+                  "blimp": ("reference", "balanced_range")}
 
 
 class StudyDumper(yaml.SafeDumper):
@@ -66,26 +90,59 @@ class StudyDumper(yaml.SafeDumper):
         return True
 
 
-def write_study_file(study, path):
-    text = yaml.dump(study, Dumper=StudyDumper, sort_keys=False)
-    if os.path.exists(path):
-        with open(path) as f:
-            if f.read() == text:
-                return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def settings_text(study, header):
+    body = yaml.dump(study, Dumper=StudyDumper, sort_keys=False)
+    return (f"# {header}\n# written when a setting the reading stage's outputs depend on last changed; "
+            f"what that stage does not read is as it was then\n{body}")
 
 
-write_study_file(STUDY, STUDY_FILE)
+def study_settings():
+    """A study-wide file: the validated study with every default filled in, less its
+    `workflow` section (how jobs are scheduled, which no job reads)."""
+    study = {k: v for k, v in STUDY.items() if k != "workflow"}
+    return settings_text(study, f"study '{STUDY['study']}' (validated, defaults filled in; without "
+                                "the workflow section)")
 
 
-wildcard_constraints:
-    size="|".join(re.escape(s) for s in STUDY["sizes"]),
-    condition="|".join(re.escape(c) for c in STUDY["conditions"]),
-    seed="|".join(str(n) for n in STUDY["seeds"]),
+@functools.lru_cache(maxsize=None)
+def run_study(size, condition, seed):
+    """The study narrowed to one run: its size, seed and condition, the settings its train,
+    evaluate and dynamics jobs read, and nothing that only the results read. It resolves to
+    the same run as the whole study (a test checks it). A run whose steps follow the other
+    conditions (a paired control is analysed around their merges) keeps every condition."""
+    study = {k: copy.deepcopy(v) for k, v in STUDY.items() if k not in ("workflow", "report")}
+    study["sizes"] = {size: study["sizes"][size]}
+    study["seeds"] = [seed]
+    alone = {condition: study["conditions"][condition]}
+    if resolve_run({**study, "conditions": alone}, size, condition, seed) == \
+            resolve_run(STUDY, size, condition, seed):
+        study["conditions"] = alone
+    for key in AGGREGATE_ONLY["analysis"]:
+        study["analysis"].pop(key, None)
+    for key in AGGREGATE_ONLY["blimp"]:
+        study["evaluation"]["blimp"].pop(key, None)
+    return study
+
+
+def run_settings(wildcards):
+    study = run_study(wildcards.size, wildcards.condition, int(wildcards.seed))
+    return settings_text(study, f"study '{STUDY['study']}' narrowed to the run size={wildcards.size} "
+                                f"condition={wildcards.condition} seed={wildcards.seed}")
+
+
+def get_stage_hash(wildcards):
+    """The params of the job writing a stage's file: the hash of exactly the settings that
+    stage's outputs depend on (below), so that the file is rewritten, and the stage's jobs
+    re-run, exactly when one of them changes."""
+    return STAGE_HASHES[wildcards.stage](wildcards)
+
+
+def write_settings(path, text, log):
+    from relora.io import atomic_write_text
+
+    atomic_write_text(path, text)
+    with open(log, "w") as f:
+        f.write(f"wrote {path}\n")
 
 
 # --- runs and hashes -------------------------------------------------------------------------
@@ -110,7 +167,7 @@ def blimp_settings():
     """evaluation.blimp less `reference` and `balanced_range`, which only the database and the
     figures read."""
     blimp = STUDY["evaluation"].get("blimp", {})
-    return {k: v for k, v in blimp.items() if k not in ("reference", "balanced_range")}
+    return {k: v for k, v in blimp.items() if k not in AGGREGATE_ONLY["blimp"]}
 
 
 def get_blimp_hash(wildcards):
@@ -158,7 +215,7 @@ def get_evaluation_hash(wildcards):
 
 
 def get_dynamics_hash(wildcards):
-    analysis = {k: v for k, v in STUDY["analysis"].items() if k != "reference_condition"}
+    analysis = {k: v for k, v in STUDY["analysis"].items() if k not in AGGREGATE_ONLY["analysis"]}
     return config_hash(get_run_hash(wildcards), analysis)
 
 
@@ -171,6 +228,11 @@ def get_aggregate_hash(wildcards):
 def get_results_hash(wildcards):
     """Figures and report read the whole study, except how it is scheduled."""
     return config_hash({k: v for k, v in STUDY.items() if k != "workflow"})
+
+
+STAGE_HASHES = {"data": get_data_hash, "blimp": get_blimp_hash, "aggregate": get_aggregate_hash,
+                "report": get_results_hash, "train": get_run_hash, "evaluate": get_evaluation_hash,
+                "dynamics": get_dynamics_hash}
 
 
 # --- inputs ----------------------------------------------------------------------------------

@@ -6,30 +6,27 @@
 
 rule corpus:
     localrule: downloads("corpus")
+    input:
+        config=study_config("data"),
     output:
         corpus=directory(f"{DATA}/corpus"),
     log:
         f"{LOGS}/data/corpus.log",
-    params:
-        study=STUDY_FILE,
-        data_hash=get_data_hash,
     conda:
         "../../envs/data.yaml"
     shell:
-        "python -m relora corpus --config {params.study} --out {output.corpus} > {log} 2>&1"
+        "python -m relora corpus --config {input.config} --out {output.corpus} > {log} 2>&1"
 
 
 rule tokenizer:
     localrule: downloads("tokenizer")
     input:
+        config=study_config("data"),
         corpus=f"{DATA}/corpus",
     output:
         tokenizer=f"{DATA}/tokenizer.json",
     log:
         f"{LOGS}/data/tokenizer.log",
-    params:
-        study=STUDY_FILE,
-        data_hash=get_data_hash,
     threads: threads_for("data")
     resources:
         mem_mb=mem_mb_for("data"),
@@ -37,13 +34,14 @@ rule tokenizer:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python -m relora tokenizer --config {params.study} --corpus {input.corpus}"
+        "python -m relora tokenizer --config {input.config} --corpus {input.corpus}"
         " --out {output.tokenizer} --threads {threads} > {log} 2>&1"
 
 
 rule tokenize:
     localrule: downloads("tokenize")
     input:
+        config=study_config("data"),
         corpus=f"{DATA}/corpus",
         tokenizer=f"{DATA}/tokenizer.json",
     output:
@@ -51,9 +49,7 @@ rule tokenize:
     log:
         f"{LOGS}/data/tokenize.log",
     params:
-        study=STUDY_FILE,
         data=output_dir("eval"),
-        data_hash=get_data_hash,
     threads: threads_for("data")
     resources:
         mem_mb=mem_mb_for("data"),
@@ -61,28 +57,26 @@ rule tokenize:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python -m relora tokenize --config {params.study} --corpus {input.corpus}"
+        "python -m relora tokenize --config {input.config} --corpus {input.corpus}"
         " --tokenizer {input.tokenizer} --out {params.data} --threads {threads} > {log} 2>&1"
 
 
 rule probe:
     input:
+        config=study_config("data"),
         eval=f"{DATA}/eval",
         tokenizer=f"{DATA}/tokenizer.json",
     output:
         probe=f"{DATA}/probe.npy",
     log:
         f"{LOGS}/data/probe.log",
-    params:
-        study=STUDY_FILE,
-        data_hash=get_data_hash,
     resources:
         mem_mb=mem_mb_for("data"),
         runtime=runtime_for("data"),
     conda:
         "../../envs/data.yaml"
     shell:
-        "python -m relora probe --config {params.study} --eval {input.eval}"
+        "python -m relora probe --config {input.config} --eval {input.eval}"
         " --tokenizer {input.tokenizer} --out {output.probe} > {log} 2>&1"
 
 
@@ -92,6 +86,7 @@ rule blimp:
     localrule: downloads("blimp")
     input:
         unpack(get_blimp_source),
+        config=study_config("blimp"),
         **tokenized_files(),
         corpus=f"{DATA}/corpus",
         tokenizer=f"{DATA}/tokenizer.json",
@@ -100,16 +95,13 @@ rule blimp:
         unigram=f"{DATA}/blimp_unigram.parquet",
     log:
         f"{LOGS}/data/blimp.log",
-    params:
-        study=STUDY_FILE,
-        blimp_hash=get_blimp_hash,
     resources:
         mem_mb=mem_mb_for("data"),
         runtime=runtime_for("data"),
     conda:
         "../../envs/data.yaml"
     shell:
-        "python -m relora blimp --config {params.study} --corpus {input.corpus}"
+        "python -m relora blimp --config {input.config} --corpus {input.corpus}"
         " --tokenizer {input.tokenizer} --out {output.blimp} > {log} 2>&1"
 
 

@@ -4,6 +4,7 @@
 
 rule evaluate:
     input:
+        config=run_config("evaluate"),
         run=f"{RUN}/run.json",
         checkpoints=f"{RUN}/checkpoints",
         eval=f"{DATA}/eval",
@@ -17,10 +18,8 @@ rule evaluate:
     benchmark:
         f"{BENCHMARKS}/evaluate/{RUN_KEY}.tsv"
     params:
-        study=STUDY_FILE,
         data=input_dir("tokenizer"),
         run_dir=input_dir("run"),
-        evaluation_hash=get_evaluation_hash,
     threads: threads_for("evaluate")
     resources:
         mem_mb=mem_mb_for("evaluate"),
@@ -29,5 +28,5 @@ rule evaluate:
     conda:
         "../../envs/train.yaml"
     shell:
-        "python -m relora evaluate --config {params.study} --data {params.data}"
+        "python -m relora evaluate --config {input.config} --data {params.data}"
         " --run {params.run_dir} --threads {threads} > {log} 2>&1"

@@ -5,15 +5,14 @@ rule aggregate:
     input:
         unpack(get_run_outputs),
         unpack(get_blimp_reference),
+        config=study_config("aggregate"),
         blimp_unigram=f"{DATA}/blimp_unigram.parquet",
     output:
         db=f"{RESULTS}/study.duckdb",
     log:
         f"{LOGS}/results/aggregate.log",
     params:
-        study=STUDY_FILE,
         runs=get_run_dirs,
-        aggregate_hash=get_aggregate_hash,
     threads: threads_for("results")
     resources:
         mem_mb=mem_mb_for("results"),
@@ -21,7 +20,7 @@ rule aggregate:
     conda:
         "../../envs/results.yaml"
     shell:
-        "python -m relora aggregate --config {params.study} --runs {params.runs}"
+        "python -m relora aggregate --config {input.config} --runs {params.runs}"
         " --blimp-baselines {input.blimp_unigram} --out {output.db} > {log} 2>&1"
 
 
@@ -52,6 +51,7 @@ rule figures:
 
 rule report:
     input:
+        config=study_config("report"),
         db=f"{RESULTS}/study.duckdb",
         figures=f"{RESULTS}/figures",
         manifest=f"{DATA}/manifest.json",
@@ -63,9 +63,6 @@ rule report:
         ),
     log:
         f"{LOGS}/results/report.log",
-    params:
-        study=STUDY_FILE,
-        results_hash=get_results_hash,
     threads: threads_for("results")
     resources:
         mem_mb=mem_mb_for("results"),
@@ -73,5 +70,5 @@ rule report:
     conda:
         "../../envs/results.yaml"
     shell:
-        "python -m relora report --config {params.study} --db {input.db}"
+        "python -m relora report --config {input.config} --db {input.db}"
         " --figures {input.figures} --manifest {input.manifest} --out {output.report} > {log} 2>&1"

@@ -7,6 +7,7 @@
 rule train:
     input:
         unpack(get_train_data),
+        config=run_config("train"),
     output:
         run=f"{RUN}/run.json",
         metrics=f"{RUN}/train_metrics.parquet",
@@ -16,11 +17,9 @@ rule train:
     benchmark:
         f"{BENCHMARKS}/train/{RUN_KEY}.tsv"
     params:
-        study=STUDY_FILE,
         data=input_dir("tokenizer"),
         run_dir=output_dir("run"),
         resume_dir=RESUME,
-        run_hash=get_run_hash,
         launcher=get_train_launcher,
         process_threads=get_train_process_threads,
     threads: threads_for("train")
@@ -31,7 +30,7 @@ rule train:
     conda:
         "../../envs/train.yaml"
     shell:
-        "{params.launcher} train --config {params.study} --size {wildcards.size}"
+        "{params.launcher} train --config {input.config} --size {wildcards.size}"
         " --condition {wildcards.condition} --seed {wildcards.seed} --data {params.data}"
         " --out {params.run_dir} --resume-dir {params.resume_dir} --threads {params.process_threads}"
         " > {log} 2>&1"

@@ -5,6 +5,7 @@
 
 rule dynamics:
     input:
+        config=run_config("dynamics"),
         run=f"{RUN}/run.json",
         checkpoints=f"{RUN}/checkpoints",
         probe=f"{DATA}/probe.npy",
@@ -15,10 +16,8 @@ rule dynamics:
     benchmark:
         f"{BENCHMARKS}/dynamics/{RUN_KEY}.tsv"
     params:
-        study=STUDY_FILE,
         data=input_dir("probe"),
         run_dir=input_dir("run"),
-        dynamics_hash=get_dynamics_hash,
     threads: threads_for("dynamics")
     resources:
         mem_mb=mem_mb_for("dynamics"),
@@ -27,5 +26,5 @@ rule dynamics:
     conda:
         "../../envs/train.yaml"
     shell:
-        "python -m relora dynamics --config {params.study} --data {params.data}"
+        "python -m relora dynamics --config {input.config} --data {params.data}"
         " --run {params.run_dir} --threads {threads} > {log} 2>&1"
