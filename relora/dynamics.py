@@ -48,13 +48,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .evaluate import LINEAR_PARENTS, Snapshot, linear_key
+from .evaluate import Snapshot, linear_key
 from .model import PicoDecoder
+from .model_config import LINEAR_MODULES, LINEAR_PARENTS
 
 METRICS = ("erank", "per", "condition_number", "numerical_rank", "frobenius_norm", "spectral_norm")
 TARGETS = ("weight", "base", "gradient", "update", "adapter", "adapter_A")
 ADAPTER_A_METRICS = ("max_abs_over_init_bound", "entries_over_3x_bound")
-LINEAR_MODULES = tuple(LINEAR_PARENTS)
 
 
 # ----------------------------------------------------------------------------------------------

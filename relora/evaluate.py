@@ -38,9 +38,8 @@ import torch.nn.functional as F
 from .data.blimp import load_paradigm_file
 from .io import sha256_file
 from .model import ModelConfig, PicoDecoder, rope_tables
+from .model_config import LINEAR_PARENTS, adapter_scale
 
-LINEAR_PARENTS = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention",
-                  "o_proj": "attention", "w_0": "swiglu", "w_1": "swiglu", "w_2": "swiglu"}
 HF_PREFIXES = ("pico_decoder.", "_orig_mod.", "module.")
 # Pico's Hugging Face config keys -> ModelConfig fields
 HF_CONFIG_KEYS = {"vocab_size": "vocab_size", "d_model": "d_model", "n_layers": "n_layers",
@@ -137,7 +136,7 @@ def _hf_scale(config: dict) -> float | None:
         alpha = section.get("lora_alpha", section.get("alpha"))
         rank = section.get("lora_r", section.get("r", section.get("rank")))
         if alpha is not None and rank:
-            return float(alpha) / float(rank)
+            return adapter_scale(float(alpha), float(rank))
     return None
 
 
@@ -172,7 +171,7 @@ def load_snapshot(path, expected: ModelConfig | None = None, scale: float | None
         method = raw.get("method") or {}
         stored_scale = method.get("scale")
         if stored_scale is None and method.get("alpha") is not None and method.get("rank"):
-            stored_scale = method["alpha"] / method["rank"]
+            stored_scale = adapter_scale(method["alpha"], method["rank"])
         step = raw.get("step")
     elif "d_model" in raw:  # the paper's Hugging Face releases
         layout = "huggingface"
@@ -283,7 +282,7 @@ def score_sequences(model: PicoDecoder, sequences: list, first_scored: list[int]
             tokens[r, :len(seq)] = seq
             scored[r, max(first_scored[i], 1) - 1:len(seq) - 1] = True
         tokens, scored = tokens.to(device), scored.to(device)
-        hidden = final_hidden(model, tokens[:, :-1])  # (B, T-1, C)
+        hidden = model.residual_stream(tokens[:, :-1])  # (B, T-1, C), before the output norm
         row, pos = scored.nonzero(as_tuple=True)  # (N,), (N,)
         # the LM head (most of a small model's FLOPs) only where a prediction is scored:
         # padding and the context part of sliding windows cost no logits
@@ -292,17 +291,6 @@ def score_sequences(model: PicoDecoder, sequences: list, first_scored: list[int]
         sums = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(0, row, token_nll.double())
         nll[rows] = sums.cpu().numpy()
     return nll
-
-
-def final_hidden(model: PicoDecoder, idx: torch.Tensor) -> torch.Tensor:
-    """The residual stream after the last block, (B, T, C): PicoDecoder.forward without the
-    output norm and LM head, which the caller applies to the positions it scores."""
-    T = idx.shape[1]
-    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
-    x = model.embedding_proj(idx)  # (B, T, C)
-    for block in model.layers:
-        x = block(x, cos, sin)
-    return x
 
 
 def sliding_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:

@@ -9,50 +9,20 @@ initialisation, logits in fp32.
 
 Module names are the reference checkpoints' (`embedding_proj`, `layers.<i>.attention.q_proj`,
 `layers.<i>.swiglu.w_0`, ..., `de_embedding_proj`), so the paper's released weights load by
-name. Shapes: B batch, T time, C d_model, nh query heads, nkv key/value heads, hs head size.
+name; relora/model_config.py lists them and holds the configuration, the linears' shapes and
+the model FLOPs without torch. Shapes: B batch, T time, C d_model, nh query heads, nkv key/value
+heads, hs head size.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def pad_vocab(vocab_size: int, multiple: int = 64) -> int:
-    """The model's vocabulary: the tokenizer's padded to a multiple of 64 (50280 -> 50304)."""
-    return multiple * math.ceil(vocab_size / multiple)
-
-
-@dataclass
-class ModelConfig:
-    vocab_size: int  # already padded
-    d_model: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    ffn_hidden: int
-    max_seq_len: int
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-
-    def __post_init__(self):
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
-        if (self.d_model // self.n_heads) % 2:
-            raise ValueError(f"head size {self.d_model // self.n_heads} must be even for RoPE")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from .model_config import ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -298,31 +268,32 @@ class PicoDecoder(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, idx, return_hidden: bool = False, targets=None):
-        """idx (B, T) token ids -> fp32 logits (B, T, vocab); with return_hidden also the
-        residual stream after every block, a list of n_layers tensors (B, T, C). With targets
-        (B, T) (-100: not predicted) the mean next-token cross-entropy instead of the logits,
-        computed without materialising them (LMHeadCrossEntropy)."""
+    def residual_stream(self, idx, every_block: list | None = None):
+        """idx (B, T) token ids -> the residual stream after the last block (B, T, C), before the
+        output norm; each block's output is also appended to `every_block` when one is given."""
         B, T = idx.shape
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.config.max_seq_len}")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.embedding_proj(idx)  # (B, T, C)
-        hidden = []
         for block in self.layers:
             x = block(x, cos, sin)
-            if return_hidden:
-                hidden.append(x)
-        x = self.output_norm(x)
+            if every_block is not None:
+                every_block.append(x)
+        return x
+
+    def forward(self, idx, return_hidden: bool = False, targets=None):
+        """idx (B, T) token ids -> fp32 logits (B, T, vocab); with return_hidden also the
+        residual stream after every block, a list of n_layers tensors (B, T, C). With targets
+        (B, T) (-100: not predicted) the mean next-token cross-entropy instead of the logits,
+        computed without materialising them (LMHeadCrossEntropy)."""
+        hidden = [] if return_hidden else None
+        x = self.output_norm(self.residual_stream(idx, hidden))
         if targets is not None:
             with_grad = torch.is_grad_enabled() and (x.requires_grad or self.de_embedding_proj.weight.requires_grad)
             return LMHeadCrossEntropy.apply(x.flatten(0, 1), self.de_embedding_proj.weight, targets.flatten(), with_grad)
         logits = self.de_embedding_proj(x).float()  # (B, T, vocab)
         return (logits, hidden) if return_hidden else logits
-
-    def loss(self, idx, targets):
-        """Mean next-token cross-entropy; targets (B, T), -100 marks positions not predicted."""
-        return self(idx, targets=targets)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -330,15 +301,3 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, trainable
-
-
-def model_flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward; docs/design.md, Model FLOPs), after Kaplan et
-    al. 2020 and nanoGPT's estimate_mfu: 6 per weight of every matrix multiply (all linears and the
-    LM head; the input embedding is a lookup) plus 12 * layers * seq_len * d for attention
-    scores."""
-    d, L = config.d_model, config.n_layers
-    kv = config.n_kv_heads * config.head_dim
-    per_layer = d * d * 2 + d * kv * 2 + 3 * d * config.ffn_hidden
-    matmul_params = L * per_layer + d * config.vocab_size
-    return 6 * matmul_params + 12 * L * seq_len * d

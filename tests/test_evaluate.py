@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from relora.evaluate import (LINEAR_PARENTS, blimp_scores, blimp_summary, linear_key, load_snapshot,
-                             read_blimp, score_documents, score_sentence_naive, score_sentences,
-                             score_sequences, sliding_windows)
+from relora.evaluate import (blimp_scores, blimp_summary, linear_key, load_snapshot, read_blimp, score_documents,
+                             score_sentence_naive, score_sentences, score_sequences, sliding_windows)
 from relora.model import ModelConfig, PicoDecoder
+from relora.model_config import LINEAR_PARENTS
 
 # ---------------------------------------------------------------- helpers (also used by test_dynamics*)
 

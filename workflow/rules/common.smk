@@ -305,7 +305,7 @@ def get_train_runtime(wildcards):
     FLOP/s, doubled, plus 10 minutes for start-up, checkpoints and a resume."""
     if SCHEDULE["runtime"]["train"] is not None:
         return within_limit(SCHEDULE["runtime"]["train"])
-    from relora.model import ModelConfig, model_flops_per_token
+    from relora.model_config import ModelConfig, model_flops_per_token
 
     run = get_run(wildcards)
     t, seq = run["training"], run["data"]["seq_len"]
