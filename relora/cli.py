@@ -20,13 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"relora.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"relora.commands.{name}":
-                continue  # stage not built yet
-            raise
-        module.register(subparsers)
+        importlib.import_module(f"relora.commands.{name}").register(subparsers)
     return parser
 
 
