@@ -28,10 +28,11 @@ from .model_config import READS_SUBMODULE_INPUT, adapter_scale
 def dropout_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """A bool mask of x's shape, each entry kept (True) with probability 1 - p.
 
-    On CUDA: torch.rand. On CPU, PyTorch's generator draws ~100M values/s, which made a
-    dropout mask per adapter cost 30-45% of a ReLoRA step; here the bits come from numpy's
-    SFC64 (~1G 32-bit values/s), seeded by one draw from torch's generator, so torch.manual_seed
-    and a saved torch RNG state still determine every mask. Kept when the 32-bit integer is at
+    On CUDA: torch.rand. On CPU, PyTorch's generator is slow enough that a dropout mask per
+    adapter took a large share of a ReLoRA step (README, Benchmarks: the dropout overhead with
+    PyTorch's bernoulli_ mask); here the bits come from numpy's much faster SFC64, seeded by one
+    draw from torch's generator, so torch.manual_seed and a saved torch RNG state still determine
+    every mask. Kept when the 32-bit integer is at
     or above the threshold: P(keep) = 1 - p to within 2^-32 (torch.rand's floats: 2^-24).
     """
     if x.device.type != "cpu" or torch.compiler.is_compiling():  # numpy cannot be traced

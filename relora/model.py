@@ -55,7 +55,7 @@ def apply_rope(x, cos, sin):
 
 def rope_complex(x, cos, sin):
     """The rotation as the complex product (x_2i + i x_2i+1)(cos + i sin), as LLaMA writes it: one
-    pass over x forward and one backward in eager mode (the real form takes four, 2-3x the time)."""
+    pass over x forward and one backward in eager mode (the real form takes four)."""
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, n, T, hs/2)
     rotation = torch.complex(cos.float(), sin.float())  # (T, hs/2)
     return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
@@ -74,16 +74,15 @@ def rope_real(x, cos, sin):
 # PyTorch's fused CPU attention kernel works in (32-query x T-key) tiles whose matmuls have inner
 # dimension head_size; at head sizes 4 and 8 (the default study's d=48 and the paper's tiny d=96)
 # those tiles run far below the machine's GEMM rate. Up to these sizes attention on CPU computes
-# the (T, T) probabilities explicitly (SmallHeadCausalAttention): 1.6-2.3x faster forward + backward
-# and 1.3-1.8x faster forward alone at head size 4 and 8 with T=128 and 512, 0.84-0.98x the fused
-# kernel at head size 16 (2-core Zen 4, 1 and 2 threads; benchmarks/run.py prints the attention
-# rows). The probabilities it keeps for the backward take B*nh*T^2 floats per layer, hence the
-# sequence bound.
+# the (T, T) probabilities explicitly (SmallHeadCausalAttention), which measured faster than the
+# fused kernel at head sizes 4 and 8 and slower at 16 (benchmarks/run.py prints the attention
+# rows; README, Benchmarks). The probabilities it keeps for the backward take B*nh*T^2 floats per
+# layer, hence the sequence bound.
 SMALL_HEAD_MAX_DIM = 8
 SMALL_HEAD_MAX_SEQ = 512
 # scores per chunk and thread: 1 MB, the per-core L2 cache of current x86 CPUs, so each chunk's
-# scores, probabilities and their gradients stay in cache between the ops that use them
-# (2^16-2^20 measured; 2^18 fastest on 1 thread, 2^19 on 2)
+# scores, probabilities and their gradients stay in cache between the ops that use them (the
+# fastest of the chunk sizes 2^16-2^20 tried on 1 and 2 threads)
 SMALL_HEAD_CHUNK_SCORES = 2**18
 
 
@@ -96,7 +95,7 @@ class SmallHeadCausalAttention(torch.autograd.Function):
     batched matmul over G = B * nkv groups of R = (nh / nkv) * T rows serves them all (no kv
     repeat). The groups go in chunks whose (rows, T) scores fit in cache. Every product whose
     result has head-size columns is computed transposed (y^T = v^T P^T, and likewise dv, dq, dk):
-    a GEMM with hs rows and T columns runs 2-3x faster than one with T rows and hs columns.
+    a GEMM with hs rows and T columns runs faster than one with T rows and hs columns.
     bf16 inputs (autocast) are computed in fp32: q, k and v are small, and P stays accurate."""
 
     @staticmethod
@@ -201,8 +200,8 @@ class Block(nn.Module):
 
 
 # logits per chunk of LMHeadCrossEntropy, by device type. 16 MB of fp32 logits on CPU: with vocab
-# 8192, 512-row chunks measured 4-10% faster than 256 and within 2% of 1024-2048 at d=96 and
-# d=384, fp32 and bf16 (2-core Zen 4), and use a quarter of 2048's memory.
+# 8192, 512-row chunks measured faster than 256 and as fast as 1024-2048 at d=96 and d=384, fp32
+# and bf16, in a quarter of 2048's memory.
 LM_HEAD_CHUNK_LOGITS = {"cpu": 2**22, "cuda": 2**27}
 
 
@@ -232,7 +231,7 @@ class LMHeadCrossEntropy(torch.autograd.Function):
                 logits = (h_c @ w_mm.t()).float()  # (rows, V)
                 target_logit = logits.gather(1, t[:, None]).squeeze(1)
                 # one exp serves the loss and its gradient: e = exp(logits - max), lse = max + log sum e,
-                # softmax = e / sum e (torch.logsumexp and a second exp cost a third of the head's time)
+                # softmax = e / sum e (torch.logsumexp and a second exp would pass over the logits twice more)
                 row_max = logits.amax(dim=-1)
                 exp = logits.sub_(row_max[:, None]).exp_()
                 exp_sum = exp.sum(dim=-1)
