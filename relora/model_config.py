@@ -1,5 +1,6 @@
 """The Pico decoder's configuration and what follows from it without torch: the names and shapes
-of its linear layers, the adapter scale, and the model FLOPs of a training step.
+of its linear layers, its parameter count, the adapter scale, and the model FLOPs of a training
+step.
 
 relora/model.py builds the decoder from a ModelConfig; the resolver (relora/config.py), the
 Snakefile and the data and results stages import only this module, so they run where torch is
@@ -64,6 +65,13 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def n_parameters(config: ModelConfig) -> int:
+    """Parameters of the full-rank decoder: input embedding and LM head (untied), per block the
+    seven linears and two RMSNorm weights, and the output norm."""
+    per_block = sum(out * inp for out, inp in config.linear_shapes.values()) + 2 * config.d_model
+    return 2 * config.vocab_size * config.d_model + config.n_layers * per_block + config.d_model
 
 
 def adapter_scale(alpha: float, rank: float) -> float:

@@ -7,7 +7,7 @@ from relora.config import load_schema, load_study, model_config
 from relora.lora import lora_modules, wrap_with_lora
 from relora.model import (ModelConfig, PicoDecoder, SmallHeadCausalAttention, apply_rope, count_parameters, rope_real,
                           rope_tables)
-from relora.model_config import (LINEAR_MODULES, LINEAR_PARENTS, model_flops_per_token, pad_vocab,
+from relora.model_config import (LINEAR_MODULES, LINEAR_PARENTS, model_flops_per_token, n_parameters, pad_vocab,
                                  relora_flops_per_token)
 
 
@@ -25,6 +25,7 @@ def test_paper_parameter_counts(repo, size, expected):
     with torch.device("meta"):
         model = PicoDecoder(config)
     assert count_parameters(model) == (expected, expected)
+    assert n_parameters(config) == expected
 
 
 def test_reference_module_names():
@@ -43,6 +44,7 @@ def test_linear_names_and_shapes_are_the_models():
     expected = {f"layers.{i}.{LINEAR_PARENTS[m]}.{m}": shape
                 for i in range(config.n_layers) for m, shape in config.linear_shapes.items()}
     assert linears == {**expected, "de_embedding_proj": (128, 24)}
+    assert n_parameters(config) == count_parameters(model)[0]
     # k and v project to n_kv_heads * head size = 2 * 4; the SwiGLU's hidden size is 96
     assert config.linear_shapes["k_proj"] == (8, 24) and config.linear_shapes["w_2"] == (24, 96)
     # a study may target exactly these (the schema's enum and default)
