@@ -32,8 +32,8 @@ def dropout_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     adapter took a large share of a ReLoRA step (README, Benchmarks: the dropout overhead with
     PyTorch's bernoulli_ mask); here the bits come from numpy's much faster SFC64, seeded by one
     draw from torch's generator, so torch.manual_seed and a saved torch RNG state still determine
-    every mask. Kept when the 32-bit integer is at
-    or above the threshold: P(keep) = 1 - p to within 2^-32 (torch.rand's floats: 2^-24).
+    every mask. Kept when the 32-bit integer is at or above the threshold: P(keep) = 1 - p to
+    within 2^-32 (torch.rand's floats: 2^-24).
     """
     if x.device.type != "cpu" or torch.compiler.is_compiling():  # numpy cannot be traced
         return torch.rand(x.shape, device=x.device) >= p
@@ -178,7 +178,7 @@ def wrap_with_lora(model: nn.Module, rank: int, alpha: float, dropout: float, ta
                    dropout_mask: str = "per_adapter", lora_init: str = "standard",
                    generator: torch.Generator | None = None) -> nn.Module:
     """Replace each targeted nn.Linear by a LoRALinear holding its weight (frozen)."""
-    # under `dropout_mask: shared`, one mask per sub-module input (q, k and v read one tensor; w_0 and w_1 another)
+    # `dropout_mask: shared`: one mask per sub-module input (q, k, v read one tensor; w_0, w_1 another)
     shared: dict[int, SharedDropout] = {}
     for name, parent, attr in target_linears(model, targets):
         linear = getattr(parent, attr)
