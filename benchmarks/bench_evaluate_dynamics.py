@@ -24,8 +24,9 @@ import torch
 
 from relora.checkpoint import Snapshot
 from relora.dynamics import matrix_metrics, snapshot_targets, spectra_rows
-from relora.evaluate import LINEAR_PARENTS, linear_key, score_documents, score_sentences
-from relora.model import ModelConfig, PicoDecoder
+from relora.evaluate import score_documents, score_sentences
+from relora.model import PicoDecoder
+from relora.model_config import LINEAR_MODULES, ModelConfig, linear_key
 
 
 def relora_snapshot(config: ModelConfig, rank: int, seed: int) -> Snapshot:
@@ -33,7 +34,7 @@ def relora_snapshot(config: ModelConfig, rank: int, seed: int) -> Snapshot:
     with torch.device("cpu"):
         state = {k: v for k, v in PicoDecoder(config).state_dict().items()}
     for layer in range(config.n_layers):
-        for module in LINEAR_PARENTS:
+        for module in LINEAR_MODULES:
             out_f, in_f = state[f"{linear_key(layer, module)}.weight"].shape
             state[f"{linear_key(layer, module)}.A_lora"] = torch.randn(rank, in_f) * 0.05
             state[f"{linear_key(layer, module)}.B_lora"] = torch.randn(out_f, rank) * 0.05

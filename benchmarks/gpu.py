@@ -4,15 +4,15 @@ and the GPU-hours of the paper's four 20k-step runs extrapolated from them.
     python benchmarks/gpu.py                 # on a GPU machine: a few minutes
     python benchmarks/gpu.py --tiny          # small shapes, runs anywhere (CPU: shows it works)
 
-Imports only torch and relora's core modules (relora.model, relora.lora, relora.optim): the GPU
-machines have torch but no Snakemake, DuckDB, Altair, jsonschema or PyYAML, so configs are built
-here in Python. The paper's setup (docs/design.md, Model and training recipe): d=384 ("small";
-d=96 "tiny"), 12 layers, 12 query / 4 key-value heads, vocab 50304, seq 2048, bf16 mixed
-precision, AdamW; ReLoRA with r=16, alpha=32, dropout 0.1 on q, k, v, o, w_0, w_1, w_2. A run is
-20k updates of 1024 sequences (41.9B tokens); the paper reports about 3,400 A100-hours for its
-four runs (2 sizes x 2 methods). MFU = model FLOPs (docs/design.md, Model FLOPs: 6 per matmul
-weight per token + attention; for ReLoRA its own, smaller count) / the GPU's dense bf16 peak;
-"GEMM" is a measured 8192^3 bf16 matmul.
+Imports only torch and relora's core modules (relora.model_config, relora.model, relora.lora):
+the GPU machines have torch but no Snakemake, DuckDB, Altair, jsonschema or PyYAML, so configs
+are built here in Python. The paper's setup (docs/design.md, Model and training recipe): d=384
+("small"; d=96 "tiny"), 12 layers, 12 query / 4 key-value heads, vocab 50304, seq 2048, bf16
+mixed precision, AdamW; ReLoRA with r=16, alpha=32, dropout 0.1 on q, k, v, o, w_0, w_1, w_2. A
+run is 20k updates of 1024 sequences (41.9B tokens); the paper reports about 3,400 A100-hours
+for its four runs (2 sizes x 2 methods). MFU = model FLOPs (docs/design.md, Model FLOPs: 6 per
+matmul weight per token + attention; for ReLoRA its own, smaller count) / the GPU's dense bf16
+peak; "GEMM" is a measured 8192^3 bf16 matmul.
 """
 
 from __future__ import annotations
@@ -29,10 +29,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from relora.lora import lora_modules, wrap_with_lora  # noqa: E402
-from relora.model import ModelConfig, PicoDecoder, count_parameters, model_flops_per_token  # noqa: E402
+from relora.lora import wrap_with_lora  # noqa: E402
+from relora.model import PicoDecoder, count_parameters  # noqa: E402
+from relora.model_config import (LINEAR_MODULES, ModelConfig, model_flops_per_token,  # noqa: E402
+                                 relora_flops_per_token)
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "w_0", "w_1", "w_2"]
+TARGETS = list(LINEAR_MODULES)
 PAPER = {"steps": 20_000, "batch": 1024, "seq": 2048, "a100_hours_reported": 3400}
 # dense bf16 peak TFLOP/s (vendor data sheets; no sparsity)
 PEAK_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
@@ -43,14 +45,6 @@ def paper_config(d_model: int, seq: int, vocab: int = 50304, n_layers: int = 12)
                        ffn_hidden=4 * d_model, max_seq_len=seq)
 
 
-def relora_flops_per_token(model, seq: int) -> float:
-    """docs/design.md, Model FLOPs (relora.describe without its config imports): frozen weights
-    4 FLOPs per parameter per token instead of 6, adapters 6."""
-    frozen = sum(m.weight.numel() for m in lora_modules(model))
-    adapter = sum(m.A_lora.numel() + m.B_lora.numel() for m in lora_modules(model))
-    return model_flops_per_token(model.config, seq) - 2 * frozen + 6 * adapter
-
-
 def build(config: ModelConfig, method: str, device, dropout: float, rank: int):
     torch.manual_seed(0)
     model = PicoDecoder(config)
@@ -59,7 +53,7 @@ def build(config: ModelConfig, method: str, device, dropout: float, rank: int):
     model = model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01, fused=device.type in ("cuda", "cpu") or None)
-    flops = relora_flops_per_token(model, config.max_seq_len) if method == "relora" else \
+    flops = relora_flops_per_token(config, config.max_seq_len, rank, TARGETS) if method == "relora" else \
         model_flops_per_token(config, config.max_seq_len)
     return model, optimizer, flops
 
@@ -190,8 +184,7 @@ def main():
                     continue
                 other = paper_config(sizes[size], PAPER["seq"])
                 flops = (model_flops_per_token(other, PAPER["seq"]) if method == "full" else
-                         relora_flops_per_token(wrap_with_lora(PicoDecoder(other).to("meta"), 16, 32, 0.1, TARGETS),
-                                                PAPER["seq"]))
+                         relora_flops_per_token(other, PAPER["seq"], 16, TARGETS))
                 rate, how = ref["model_tflops"] * 1e12 / flops, f"{ref['size']}'s FLOP/s, extrapolated by FLOPs"
             hours = tokens / rate / 3600
             total += hours

@@ -8,8 +8,8 @@ round and repeated (these shared machines vary by 10-15% between processes, and 
 minute to minute); the table gives medians and the ratio. "GEMM" is a 2048 x 2048 matmul on all
 threads, timed in every round between the variants (fp32 for the MFU column; bf16 GEMM beside
 it for bf16 rows). Model FLOPs follow docs/design.md, Model FLOPs
-(relora.model.model_flops_per_token) and the ReLoRA FLOP bound
-relora.describe.relora_flops_per_token.
+(relora.model_config.model_flops_per_token) and the ReLoRA FLOP bound
+relora.model_config.relora_flops_per_token.
 
 Baselines: transformers LlamaForCausalLM (+ peft LoRA for ReLoRA, same rank, alpha, dropout,
 targets and trainable set) with fused AdamW (transformers.Trainer's default optimizer for torch >=
@@ -41,11 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import relora.lora as lora_module  # noqa: E402
 import relora.model as model_module  # noqa: E402
 from relora.checkpoint import build_model  # noqa: E402
-from relora.describe import relora_flops_per_token  # noqa: E402
-from relora.model import ModelConfig, SmallHeadCausalAttention, model_flops_per_token  # noqa: E402
+from relora.model import SmallHeadCausalAttention  # noqa: E402
+from relora.model_config import (LINEAR_MODULES, ModelConfig, model_flops_per_token,  # noqa: E402
+                                 relora_flops_per_token)
 from relora.optim import build_optimizer  # noqa: E402
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "w_0", "w_1", "w_2"]
+TARGETS = list(LINEAR_MODULES)
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # name: (d_model, vocab, seq_len, batch, rank): the default study's sizes (seq 128, batch 16, as
 # config.yaml) and the sizes the FLOP bound is quoted at (vocab 8192, seq 256)
@@ -232,7 +233,7 @@ def bench_training(name: str, precision: str, repeats: int, with_hf: bool, ablat
     seconds, gemm = interleave(variants, repeats, gemm_dtypes)
     malloc_mode("keep")
     full_flops = model_flops_per_token(config, seq)
-    relora_flops = relora_flops_per_token(built["ours relora p=0"][0], seq)
+    relora_flops = relora_flops_per_token(config, seq, rank, TARGETS)
     gemm_flops = 2 * 2048**3 / gemm[torch.float32]
     rows = []
     for key, s in seconds.items():

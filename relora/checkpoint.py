@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .evaluate import LINEAR_PARENTS, linear_key
+from .model_config import LINEAR_PARENTS, adapter_scale, linear_key
 from .io import atomic_dir, sha256_file
 from .lora import wrap_with_lora
 from .model import ModelConfig, PicoDecoder, rope_tables
@@ -264,7 +264,7 @@ def _hf_scale(config: dict) -> float | None:
         alpha = section.get("lora_alpha", section.get("alpha"))
         rank = section.get("lora_r", section.get("r", section.get("rank")))
         if alpha is not None and rank:
-            return float(alpha) / float(rank)
+            return adapter_scale(float(alpha), float(rank))
     return None
 
 
@@ -278,7 +278,7 @@ def _config_of(raw: dict, config_path: Path) -> tuple[str, ModelConfig, float | 
         method = raw.get("method") or {}
         scale = method.get("scale")
         if scale is None and method.get("alpha") is not None and method.get("rank"):
-            scale = method["alpha"] / method["rank"]
+            scale = adapter_scale(method["alpha"], method["rank"])
         return "relora", config, scale
     if "d_model" in raw:  # the paper's Hugging Face releases
         missing = [k for k in HF_CONFIG_KEYS if k not in raw and k not in HF_OPTIONAL_KEYS]

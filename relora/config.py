@@ -15,11 +15,10 @@ import json
 import math
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # imported lazily at run time: `relora --help` and the data stages skip torch
-    from .model import ModelConfig
-
+# torch-free: the Snakefile, `relora --help` and the data and results stages resolve studies
+# without importing torch
+from .model_config import ModelConfig, adapter_scale, pad_vocab
 
 # the schema's one source is workflow/schemas/config.schema.yaml; a wheel, which has no workflow
 # folder, carries a copy inside the package (setup.py makes it at build time)
@@ -28,7 +27,6 @@ _PACKAGED_SCHEMA = Path(__file__).resolve().parent / "config.schema.yaml"
 SCHEMA_PATH = _SOURCE_SCHEMA if _SOURCE_SCHEMA.is_file() else _PACKAGED_SCHEMA
 # evaluation.blimp.reference: the package's table of published BLiMP accuracies
 PUBLISHED_BLIMP_REFERENCE = "published"
-LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "w_0", "w_1", "w_2")
 
 
 class ConfigError(ValueError):
@@ -225,10 +223,6 @@ def blimp_reference(blimp: dict) -> str | None:
 
 
 def model_config(study: dict, size: str) -> ModelConfig:
-    # imported here: the resolver (the Snakefile, `relora --help`, the data and results
-    # stages) then runs without importing torch, which is most of a second per process
-    from .model import ModelConfig, pad_vocab
-
     spec = study["sizes"][size]
     return ModelConfig(
         vocab_size=pad_vocab(study["data"]["tokenizer"]["vocab_size"]),
@@ -241,13 +235,6 @@ def model_config(study: dict, size: str) -> ModelConfig:
         rope_theta=spec["rope_theta"],
         norm_eps=spec["norm_eps"],
     )
-
-
-def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(out_features, in_features) of each linear module type in a block."""
-    d, kv, h = config.d_model, config.n_kv_heads * config.head_dim, config.ffn_hidden
-    return {"q_proj": (d, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, d),
-            "w_0": (h, d), "w_1": (h, d), "w_2": (d, h)}
 
 
 def check_semantics(study: dict, source: str) -> None:
@@ -299,7 +286,7 @@ def check_semantics(study: dict, source: str) -> None:
                 raise ConfigError(f"{key}.restart_warmup: {method['restart_warmup']} is longer than "
                                   f"the reset period {period}")
         for size in study["sizes"]:
-            shapes = linear_shapes(model_config(study, size))
+            shapes = model_config(study, size).linear_shapes
             for target in method["targets"]:
                 if method["rank"] > min(shapes[target]):
                     raise ConfigError(f"{key}.rank: {method['rank']} exceeds the smaller dimension "
@@ -364,7 +351,7 @@ def _training_and_method(study: dict, condition: str) -> tuple[dict, dict]:
     if method["name"] == "relora":
         method.update(spec)
         method.pop("description", None)
-        method["scale"] = method["alpha"] / method["rank"]
+        method["scale"] = adapter_scale(method["alpha"], method["rank"])
         if training["schedule"]["name"] == "jagged_cosine":
             training["schedule"]["reset_every"] = method["reset_every"]
             training["schedule"]["restart_warmup"] = method["restart_warmup"]

@@ -7,8 +7,8 @@ import torch
 
 from .checkpoint import build_model
 from .config import resolve_run
-from .lora import lora_modules
-from .model import count_parameters, model_flops_per_token
+from .model import count_parameters
+from .model_config import model_flops_per_token, relora_flops_per_token
 from .optim import lr_factor
 
 # The paper's ReLoRA recipe (arXiv 2509.12960, as in workflow/studies/paper.yaml): peak LR 3e-4,
@@ -30,22 +30,15 @@ def paper_lr_after_merge() -> float:
     return lr_after_merge(PAPER_RELORA["lr"], PAPER_RELORA["schedule"], PAPER_RELORA["first_merge"])
 
 
-def relora_flops_per_token(model, seq_len: int) -> float:
-    """docs/design.md, Model FLOPs: a frozen weight needs no weight gradient (4 FLOPs per
-    parameter per token instead of 6) while every adapter parameter costs the usual 6."""
-    full = model_flops_per_token(model.config, seq_len)
-    frozen = sum(m.weight.numel() for m in lora_modules(model))
-    adapter = sum(m.A_lora.numel() + m.B_lora.numel() for m in lora_modules(model))
-    return full - 2 * frozen + 6 * adapter
-
-
 def describe_run(run: dict) -> dict:
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         model = build_model(run["model"], run["method"])
     total, trainable = count_parameters(model)
     seq_len = run["data"]["seq_len"]
+    method = run["method"]
     full_flops = model_flops_per_token(model.config, seq_len)
-    flops = relora_flops_per_token(model, seq_len) if run["method"]["name"] == "relora" else full_flops
+    flops = (relora_flops_per_token(model.config, seq_len, method["rank"], method["targets"])
+             if method["name"] == "relora" else full_flops)
     training = run["training"]
     tokens = training["steps"] * training["batch_size"] * seq_len
     warm = run["method"].get("warm_start_steps", 0) * training["batch_size"] * seq_len

@@ -49,13 +49,12 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import Snapshot
-from .evaluate import LINEAR_PARENTS, linear_key
 from .model import PicoDecoder
+from .model_config import LINEAR_MODULES, LINEAR_PARENTS, linear_key
 from .tables import (ADAPTER_A_METRICS, CKA_TO_FINAL, EFFECTIVE_RANK, PROPORTIONAL_EFFECTIVE_RANK,
                      SPECTRUM_METRICS, TOP_R_CONDITION_NUMBER)
 
 TARGETS = ("weight", "base", "gradient", "update", "adapter", "adapter_A")
-LINEAR_MODULES = tuple(LINEAR_PARENTS)
 
 
 # ----------------------------------------------------------------------------------------------

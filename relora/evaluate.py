@@ -35,18 +35,6 @@ import torch.nn.functional as F
 from .data.blimp import load_paradigm_file
 from .model import PicoDecoder
 
-LINEAR_PARENTS = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention",
-                  "o_proj": "attention", "w_0": "swiglu", "w_1": "swiglu", "w_2": "swiglu"}
-
-
-# ----------------------------------------------------------------------------------------------
-# Linear modules
-
-
-def linear_key(layer: int, module: str) -> str:
-    """State-dict prefix of a linear module: `layers.<i>.attention.q_proj`, `layers.<i>.swiglu.w_0`."""
-    return f"layers.{layer}.{LINEAR_PARENTS[module]}.{module}"
-
 
 # ----------------------------------------------------------------------------------------------
 # Scoring token sequences
@@ -84,7 +72,7 @@ def score_sequences(model: PicoDecoder, sequences: list, first_scored: list[int]
             tokens[r, :len(seq)] = seq
             scored[r, max(first_scored[i], 1) - 1:len(seq) - 1] = True
         tokens, scored = tokens.to(device), scored.to(device)
-        hidden = final_hidden(model, tokens[:, :-1])  # (B, T-1, C)
+        hidden = model.residual_stream(tokens[:, :-1])  # (B, T-1, C), before the output norm
         row, pos = scored.nonzero(as_tuple=True)  # (N,), (N,)
         # the LM head (most of a small model's FLOPs) only where a prediction is scored:
         # padding and the context part of sliding windows cost no logits
@@ -93,17 +81,6 @@ def score_sequences(model: PicoDecoder, sequences: list, first_scored: list[int]
         sums = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(0, row, token_nll.double())
         nll[rows] = sums.cpu().numpy()
     return nll
-
-
-def final_hidden(model: PicoDecoder, idx: torch.Tensor) -> torch.Tensor:
-    """The residual stream after the last block, (B, T, C): PicoDecoder.forward without the
-    output norm and LM head, which the caller applies to the positions it scores."""
-    T = idx.shape[1]
-    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
-    x = model.embedding_proj(idx)  # (B, T, C)
-    for block in model.layers:
-        x = block(x, cos, sin)
-    return x
 
 
 def sliding_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:

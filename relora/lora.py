@@ -22,15 +22,18 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .model_config import READS_SUBMODULE_INPUT, adapter_scale
+
 
 def dropout_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """A bool mask of x's shape, each entry kept (True) with probability 1 - p.
 
-    On CUDA: torch.rand. On CPU, PyTorch's generator draws ~100M values/s, which made a
-    dropout mask per adapter cost 30-45% of a ReLoRA step; here the bits come from numpy's
-    SFC64 (~1G 32-bit values/s), seeded by one draw from torch's generator, so torch.manual_seed
-    and a saved torch RNG state still determine every mask. Kept when the 32-bit integer is at
-    or above the threshold: P(keep) = 1 - p to within 2^-32 (torch.rand's floats: 2^-24).
+    On CUDA: torch.rand. On CPU, PyTorch's generator is slow enough that a dropout mask per
+    adapter took a large share of a ReLoRA step (README, Benchmarks: the dropout overhead with
+    PyTorch's bernoulli_ mask); here the bits come from numpy's much faster SFC64, seeded by one
+    draw from torch's generator, so torch.manual_seed and a saved torch RNG state still determine
+    every mask. Kept when the 32-bit integer is at or above the threshold: P(keep) = 1 - p to
+    within 2^-32 (torch.rand's floats: 2^-24).
     """
     if x.device.type != "cpu" or torch.compiler.is_compiling():  # numpy cannot be traced
         return torch.rand(x.shape, device=x.device) >= p
@@ -111,7 +114,7 @@ class LoRALinear(nn.Module):
         if rank > min(in_features, out_features):
             raise ValueError(f"rank {rank} exceeds min(in, out) = {min(in_features, out_features)}")
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.scale = alpha / rank
+        self.scale = adapter_scale(alpha, rank)
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.A_lora = nn.Parameter(torch.empty(rank, in_features))
         self.B_lora = nn.Parameter(torch.zeros(out_features, rank))
@@ -160,11 +163,6 @@ class LoRALinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, scale={self.scale}"
 
 
-# adapters reading the same input share a dropout mask under `dropout_mask: shared`
-SHARED_INPUT_GROUPS = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention",
-                       "w_0": "swiglu", "w_1": "swiglu"}
-
-
 def target_linears(model: nn.Module, targets) -> list[tuple[str, nn.Module, str]]:
     """(qualified name, parent module, attribute) of every targeted linear, in layer order."""
     found = []
@@ -180,15 +178,15 @@ def wrap_with_lora(model: nn.Module, rank: int, alpha: float, dropout: float, ta
                    dropout_mask: str = "per_adapter", lora_init: str = "standard",
                    generator: torch.Generator | None = None) -> nn.Module:
     """Replace each targeted nn.Linear by a LoRALinear holding its weight (frozen)."""
-    shared: dict[tuple[int, str], SharedDropout] = {}
+    # `dropout_mask: shared`: one mask per sub-module input (q, k, v read one tensor; w_0, w_1 another)
+    shared: dict[int, SharedDropout] = {}
     for name, parent, attr in target_linears(model, targets):
         linear = getattr(parent, attr)
         if isinstance(linear, LoRALinear):
             raise ValueError(f"{name} already carries an adapter")
         shared_dropout = None
-        if dropout_mask == "shared" and attr in SHARED_INPUT_GROUPS:
-            key = (id(parent), SHARED_INPUT_GROUPS[attr])
-            shared_dropout = shared.setdefault(key, SharedDropout(dropout))
+        if dropout_mask == "shared" and attr in READS_SUBMODULE_INPUT:
+            shared_dropout = shared.setdefault(id(parent), SharedDropout(dropout))
         lora = LoRALinear(linear.in_features, linear.out_features, rank, alpha, dropout, shared_dropout)
         lora.to(device=linear.weight.device, dtype=linear.weight.dtype)
         with torch.no_grad():
@@ -211,7 +209,3 @@ def merge_and_reinit(model: nn.Module, merge_scale: str = "correct",
         module.merge_and_reinit(module.scale if merge_scale == "correct" else 1.0, generator)
         params += [module.A_lora, module.B_lora]
     return params
-
-
-def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for m in lora_modules(model) for p in (m.A_lora, m.B_lora)]

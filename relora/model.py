@@ -9,50 +9,20 @@ initialisation, logits in fp32.
 
 Module names are the reference checkpoints' (`embedding_proj`, `layers.<i>.attention.q_proj`,
 `layers.<i>.swiglu.w_0`, ..., `de_embedding_proj`), so the paper's released weights load by
-name. Shapes: B batch, T time, C d_model, nh query heads, nkv key/value heads, hs head size.
+name; relora/model_config.py lists them and holds the configuration, the linears' shapes and
+the model FLOPs without torch. Shapes: B batch, T time, C d_model, nh query heads, nkv key/value
+heads, hs head size.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def pad_vocab(vocab_size: int, multiple: int = 64) -> int:
-    """The model's vocabulary: the tokenizer's padded to a multiple of 64 (50280 -> 50304)."""
-    return multiple * math.ceil(vocab_size / multiple)
-
-
-@dataclass
-class ModelConfig:
-    vocab_size: int  # already padded
-    d_model: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    ffn_hidden: int
-    max_seq_len: int
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-
-    def __post_init__(self):
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
-        if (self.d_model // self.n_heads) % 2:
-            raise ValueError(f"head size {self.d_model // self.n_heads} must be even for RoPE")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from .model_config import ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -85,7 +55,7 @@ def apply_rope(x, cos, sin):
 
 def rope_complex(x, cos, sin):
     """The rotation as the complex product (x_2i + i x_2i+1)(cos + i sin), as LLaMA writes it: one
-    pass over x forward and one backward in eager mode (the real form takes four, 2-3x the time)."""
+    pass over x forward and one backward in eager mode (the real form takes four)."""
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, n, T, hs/2)
     rotation = torch.complex(cos.float(), sin.float())  # (T, hs/2)
     return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
@@ -104,16 +74,15 @@ def rope_real(x, cos, sin):
 # PyTorch's fused CPU attention kernel works in (32-query x T-key) tiles whose matmuls have inner
 # dimension head_size; at head sizes 4 and 8 (the default study's d=48 and the paper's tiny d=96)
 # those tiles run far below the machine's GEMM rate. Up to these sizes attention on CPU computes
-# the (T, T) probabilities explicitly (SmallHeadCausalAttention): 1.6-2.3x faster forward + backward
-# and 1.3-1.8x faster forward alone at head size 4 and 8 with T=128 and 512, 0.84-0.98x the fused
-# kernel at head size 16 (2-core Zen 4, 1 and 2 threads; benchmarks/run.py prints the attention
-# rows). The probabilities it keeps for the backward take B*nh*T^2 floats per layer, hence the
-# sequence bound.
+# the (T, T) probabilities explicitly (SmallHeadCausalAttention), which measured faster than the
+# fused kernel at head sizes 4 and 8 and slower at 16 (benchmarks/run.py prints the attention
+# rows; README, Benchmarks). The probabilities it keeps for the backward take B*nh*T^2 floats per
+# layer, hence the sequence bound.
 SMALL_HEAD_MAX_DIM = 8
 SMALL_HEAD_MAX_SEQ = 512
 # scores per chunk and thread: 1 MB, the per-core L2 cache of current x86 CPUs, so each chunk's
-# scores, probabilities and their gradients stay in cache between the ops that use them
-# (2^16-2^20 measured; 2^18 fastest on 1 thread, 2^19 on 2)
+# scores, probabilities and their gradients stay in cache between the ops that use them (the
+# fastest of the chunk sizes 2^16-2^20 tried on 1 and 2 threads)
 SMALL_HEAD_CHUNK_SCORES = 2**18
 
 
@@ -126,7 +95,7 @@ class SmallHeadCausalAttention(torch.autograd.Function):
     batched matmul over G = B * nkv groups of R = (nh / nkv) * T rows serves them all (no kv
     repeat). The groups go in chunks whose (rows, T) scores fit in cache. Every product whose
     result has head-size columns is computed transposed (y^T = v^T P^T, and likewise dv, dq, dk):
-    a GEMM with hs rows and T columns runs 2-3x faster than one with T rows and hs columns.
+    a GEMM with hs rows and T columns runs faster than one with T rows and hs columns.
     bf16 inputs (autocast) are computed in fp32: q, k and v are small, and P stays accurate."""
 
     @staticmethod
@@ -231,8 +200,8 @@ class Block(nn.Module):
 
 
 # logits per chunk of LMHeadCrossEntropy, by device type. 16 MB of fp32 logits on CPU: with vocab
-# 8192, 512-row chunks measured 4-10% faster than 256 and within 2% of 1024-2048 at d=96 and
-# d=384, fp32 and bf16 (2-core Zen 4), and use a quarter of 2048's memory.
+# 8192, 512-row chunks measured faster than 256 and as fast as 1024-2048 at d=96 and d=384, fp32
+# and bf16, in a quarter of 2048's memory.
 LM_HEAD_CHUNK_LOGITS = {"cpu": 2**22, "cuda": 2**27}
 
 
@@ -262,7 +231,7 @@ class LMHeadCrossEntropy(torch.autograd.Function):
                 logits = (h_c @ w_mm.t()).float()  # (rows, V)
                 target_logit = logits.gather(1, t[:, None]).squeeze(1)
                 # one exp serves the loss and its gradient: e = exp(logits - max), lse = max + log sum e,
-                # softmax = e / sum e (torch.logsumexp and a second exp cost a third of the head's time)
+                # softmax = e / sum e (torch.logsumexp and a second exp would pass over the logits twice more)
                 row_max = logits.amax(dim=-1)
                 exp = logits.sub_(row_max[:, None]).exp_()
                 exp_sum = exp.sum(dim=-1)
@@ -298,31 +267,32 @@ class PicoDecoder(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, idx, return_hidden: bool = False, targets=None):
-        """idx (B, T) token ids -> fp32 logits (B, T, vocab); with return_hidden also the
-        residual stream after every block, a list of n_layers tensors (B, T, C). With targets
-        (B, T) (-100: not predicted) the mean next-token cross-entropy instead of the logits,
-        computed without materialising them (LMHeadCrossEntropy)."""
+    def residual_stream(self, idx, every_block: list | None = None):
+        """idx (B, T) token ids -> the residual stream after the last block (B, T, C), before the
+        output norm; each block's output is also appended to `every_block` when one is given."""
         B, T = idx.shape
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.config.max_seq_len}")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.embedding_proj(idx)  # (B, T, C)
-        hidden = []
         for block in self.layers:
             x = block(x, cos, sin)
-            if return_hidden:
-                hidden.append(x)
-        x = self.output_norm(x)
+            if every_block is not None:
+                every_block.append(x)
+        return x
+
+    def forward(self, idx, return_hidden: bool = False, targets=None):
+        """idx (B, T) token ids -> fp32 logits (B, T, vocab); with return_hidden also the
+        residual stream after every block, a list of n_layers tensors (B, T, C). With targets
+        (B, T) (-100: not predicted) the mean next-token cross-entropy instead of the logits,
+        computed without materialising them (LMHeadCrossEntropy)."""
+        hidden = [] if return_hidden else None
+        x = self.output_norm(self.residual_stream(idx, hidden))
         if targets is not None:
             with_grad = torch.is_grad_enabled() and (x.requires_grad or self.de_embedding_proj.weight.requires_grad)
             return LMHeadCrossEntropy.apply(x.flatten(0, 1), self.de_embedding_proj.weight, targets.flatten(), with_grad)
         logits = self.de_embedding_proj(x).float()  # (B, T, vocab)
         return (logits, hidden) if return_hidden else logits
-
-    def loss(self, idx, targets):
-        """Mean next-token cross-entropy; targets (B, T), -100 marks positions not predicted."""
-        return self(idx, targets=targets)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -330,15 +300,3 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, trainable
-
-
-def model_flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward; docs/design.md, Model FLOPs), after Kaplan et
-    al. 2020 and nanoGPT's estimate_mfu: 6 per weight of every matrix multiply (all linears and the
-    LM head; the input embedding is a lookup) plus 12 * layers * seq_len * d for attention
-    scores."""
-    d, L = config.d_model, config.n_layers
-    kv = config.n_kv_heads * config.head_dim
-    per_layer = d * d * 2 + d * kv * 2 + 3 * d * config.ffn_hidden
-    matmul_params = L * per_layer + d * config.vocab_size
-    return 6 * matmul_params + 12 * L * seq_len * d

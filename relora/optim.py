@@ -65,8 +65,8 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, decay_on: str 
 def build_optimizer(model: torch.nn.Module, training: dict) -> torch.optim.AdamW:
     groups = parameter_groups(model, training["weight_decay"], training["decay_on"])
     # the fused kernel (one pass per tensor) on CPU as on CUDA: on CPU PyTorch's default is a
-    # loop of 5-6 ops per tensor, a 3-4x slower optimizer step at d=48-384 (1-4% of a training
-    # step: the fused-AdamW rows of benchmarks/run.py)
+    # loop of 5-6 ops per tensor, a slower optimizer step (the fused-AdamW rows of
+    # benchmarks/run.py; README, Benchmarks)
     fused = next(model.parameters()).device.type in ("cpu", "cuda")
     return torch.optim.AdamW(groups, lr=training["lr"], betas=tuple(training["betas"]),
                              eps=training["eps"], fused=fused or None)

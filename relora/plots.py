@@ -20,12 +20,12 @@ from pathlib import Path
 
 from .data.unigram import BALANCED_RANGE
 from .tables import PROPORTIONAL_EFFECTIVE_RANK
+from .model_config import LINEAR_MODULES, block_linear_shapes
 
 PALETTE = ["#4c78a8", "#f58518", "#e45756", "#72b7b2", "#54a24b", "#eeca3b", "#b279a2",
            "#ff9da6", "#9d755d", "#bab0ac"]
 REFERENCE_COLOR = "#333333"
 STEP_TITLE = "optimizer step"
-MODULE_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "w_0", "w_1", "w_2"]
 DEFAULT_HEADLINE = ["train_loss", "bits_per_byte", "blimp", "blimp_balanced",
                     "proportional_effective_rank/weight/w_2", "condition_number/weight/w_2"]
 METRIC_LABELS = {"train_loss": "training loss (nats/token)",
@@ -474,8 +474,7 @@ def _adapter_caps(ctx: Context) -> list[dict]:
         d = r["d"]
         kv = r["kv"] * d // r["h"] if r["h"] and r["kv"] else d
         ffn = r["f"] or 4 * d
-        dims = {"q_proj": d, "o_proj": d, "k_proj": min(d, kv), "v_proj": min(d, kv),
-                "w_0": min(d, ffn), "w_1": min(d, ffn), "w_2": min(d, ffn)}
+        dims = {m: min(shape) for m, shape in block_linear_shapes(d, kv, ffn).items()}
         caps += [{"kind": "cap", "size": r["size"], "condition": r["condition"], "module": m,
                   "value": min(1.0, r["r"] / k)} for m, k in dims.items()]
     return caps
@@ -503,7 +502,7 @@ def _dynamics(ctx: Context, title: str, metric: str, target: str, y_title: str,
         data += [c for c in _adapter_caps(ctx) if (c["size"], c["condition"]) in shown]
     for r in data:
         r["size"] = ctx.size_label(r["size"])
-    modules = [m for m in MODULE_ORDER if any(r["module"] == m for r in data)]
+    modules = [m for m in LINEAR_MODULES if any(r["module"] == m for r in data)]
     modules += sorted({r["module"] for r in data} - set(modules))
     scale = alt.Scale(type="log") if log else alt.Scale(zero=False, padding=6)
     x = alt.X("step:Q", title=STEP_TITLE, scale=alt.Scale(domainMin=0),

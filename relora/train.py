@@ -42,7 +42,6 @@ from . import __version__
 from .checkpoint import build_model, save_checkpoint
 from .config import run_config_hash
 from .data.batches import training_batches
-from .io import atomic_path
 from .lora import merge_and_reinit, wrap_with_lora
 from .model import count_parameters
 from .optim import build_optimizer, lr_factor, reset_optimizer_state

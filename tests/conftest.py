@@ -30,6 +30,18 @@ def data_dir(tmp_path):
 
 
 @pytest.fixture
+def torch_hidden_env(tmp_path):
+    """An environment for subprocesses in which `import torch` fails as if torch were not
+    installed (a `torch` package raising ModuleNotFoundError first on PYTHONPATH), with this
+    checkout's relora importable: what runs there must not need torch."""
+    hidden = tmp_path / "torch_hidden"
+    (hidden / "torch").mkdir(parents=True)
+    (hidden / "torch" / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'torch' (hidden by the test)\", name='torch')\n")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(hidden), str(REPO)])}
+
+
+@pytest.fixture
 def blimp_dir():
     """The published BLiMP folder named by RELORA_BLIMP_DIR; the test skips without it."""
     if not BLIMP_DIR:
@@ -46,11 +58,8 @@ def e2e_study(tmp_path_factory):
     """The shrunk study (tests/workflow_helpers.py: tiny_study), run once per test session by the
     real `snakemake --cores 2`; every end-to-end test reads it, none writes into it (copy
     `e2e_study.workdir` first to change anything)."""
-    from workflow_helpers import missing_stage_commands, run_tiny_study
+    from workflow_helpers import run_tiny_study
 
-    missing = missing_stage_commands()
-    if missing:
-        pytest.skip(f"relora subcommands not built yet: {', '.join(missing)}")
     return run_tiny_study(tmp_path_factory.mktemp("e2e_study"))
 
 

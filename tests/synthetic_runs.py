@@ -28,6 +28,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from relora.model_config import LINEAR_MODULES
+
 SIZES = {"tiny": 48, "small": 96}                      # d_model
 CONDITIONS = {"full": "full", "relora": "relora", "relora-paper": "relora"}
 SEEDS = (0, 1)
@@ -36,7 +38,7 @@ EVERY = 100                                            # evaluation and analysis
 RESET_EVERY = 100
 WARMUP = 100
 N_LAYERS = 2
-MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "w_0", "w_1", "w_2")
+MODULES = LINEAR_MODULES
 DOMAINS = {"wiki": 0.0, "code": -0.4}
 # (uid, phenomenon as in the BLiMP data files, field, base accuracy)
 PARADIGMS = (

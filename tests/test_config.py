@@ -198,3 +198,32 @@ def test_command_line_values_are_read_as_a_study_file_would_be():
     assert typed_command_line_values(raw) == {
         "seeds": [0, 1], "training": {"steps": 10, "lr": 1e-3, "clip": None, "schedule": {"name": "linear"}},
         "study": "my-study", "flag": True, "note": "a: b c", "already": 3}
+
+
+def test_the_resolver_runs_without_torch(repo, torch_hidden_env):
+    """The Snakefile and the data and results stages resolve studies where torch is not installed."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+try:
+    import torch
+except ModuleNotFoundError:
+    pass
+else:
+    raise SystemExit("torch is importable: the test hides nothing")
+from relora.config import load_study, model_config, resolve_run, runs
+from relora.model_config import model_flops_per_token
+for path in ({str(repo / "config.yaml")!r}, {str(repo / "workflow/studies/paper.yaml")!r}):
+    study = load_study(path)
+    for size, condition, seed in runs(study):
+        run = resolve_run(study, size, condition, seed)
+        model_flops_per_token(model_config(study, size), run["data"]["seq_len"])
+assert not any(name == "torch" or name.startswith("torch.") for name in sys.modules), "torch was imported"
+print("resolved without torch:", run["size"], run["condition"], run["method"].get("scale"))
+"""
+    result = subprocess.run([sys.executable, "-c", script], env=torch_hidden_env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("resolved without torch: small relora")

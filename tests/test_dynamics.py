@@ -7,7 +7,7 @@ from relora.dynamics import (TARGETS, analyse_checkpoints, batched_singular_valu
                              matrix_metrics, probe_gradients_and_activations, snapshot_targets,
                              spectra_rows, spectrum_metrics, tolerance)
 from relora.checkpoint import load_snapshot
-from relora.evaluate import linear_key
+from relora.model_config import linear_key
 from test_evaluate import make_model, relora_adapters, save_checkpoint, tiny_config
 
 
@@ -176,7 +176,7 @@ def test_probe_gradient_equals_autograd_of_the_loss():
     probe = torch.randint(0, config.vocab_size, (4, 9))
     grads, acts = probe_gradients_and_activations(model, probe, micro_batch=3)
     reference = make_model(config, seed=0)
-    loss = reference.loss(probe[:, :-1], probe[:, 1:])
+    loss = reference(probe[:, :-1], targets=probe[:, 1:])
     loss.backward()
     torch.testing.assert_close(grads[(1, "k_proj")], reference.layers[1].attention.k_proj.weight.grad,
                                rtol=1e-5, atol=1e-7)

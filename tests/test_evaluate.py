@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from relora.checkpoint import load_snapshot
-from relora.evaluate import (LINEAR_PARENTS, blimp_scores, blimp_summary, linear_key, read_blimp,
+from relora.evaluate import (blimp_scores, blimp_summary, read_blimp,
                              score_documents, score_sentence_naive, score_sentences, score_sequences,
                              sliding_windows)
 from relora.model import ModelConfig, PicoDecoder
+from relora.model_config import LINEAR_PARENTS, linear_key
 
 # ---------------------------------------------------------------- helpers (also used by test_dynamics*)
 

@@ -3,9 +3,12 @@ import torch
 import torch.nn.functional as F
 
 import relora.model as model_module
-from relora.config import load_study, model_config
-from relora.model import (ModelConfig, PicoDecoder, SmallHeadCausalAttention, apply_rope, count_parameters, pad_vocab,
-                          rope_real, rope_tables)
+from relora.config import load_schema, load_study, model_config
+from relora.lora import lora_modules, wrap_with_lora
+from relora.model import (ModelConfig, PicoDecoder, SmallHeadCausalAttention, apply_rope, count_parameters, rope_real,
+                          rope_tables)
+from relora.model_config import (LINEAR_MODULES, LINEAR_PARENTS, model_flops_per_token, n_parameters, pad_vocab,
+                                 relora_flops_per_token)
 
 
 def small_config(**overrides):
@@ -22,6 +25,7 @@ def test_paper_parameter_counts(repo, size, expected):
     with torch.device("meta"):
         model = PicoDecoder(config)
     assert count_parameters(model) == (expected, expected)
+    assert n_parameters(config) == expected
 
 
 def test_reference_module_names():
@@ -31,6 +35,76 @@ def test_reference_module_names():
                      "layers.0.swiglu_norm.weight", "output_norm.weight", "de_embedding_proj.weight"]:
         assert expected in names
     assert not any("bias" in n for n in names)
+
+
+def test_linear_names_and_shapes_are_the_models():
+    config = small_config()
+    model = PicoDecoder(config)
+    linears = {name: tuple(m.weight.shape) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    expected = {f"layers.{i}.{LINEAR_PARENTS[m]}.{m}": shape
+                for i in range(config.n_layers) for m, shape in config.linear_shapes.items()}
+    assert linears == {**expected, "de_embedding_proj": (128, 24)}
+    assert n_parameters(config) == count_parameters(model)[0]
+    # k and v project to n_kv_heads * head size = 2 * 4; the SwiGLU's hidden size is 96
+    assert config.linear_shapes["k_proj"] == (8, 24) and config.linear_shapes["w_2"] == (24, 96)
+    # a study may target exactly these (the schema's enum and default)
+    targets = load_schema()["$defs"]["condition"]["properties"]["targets"]
+    assert tuple(targets["items"]["enum"]) == tuple(targets["default"]) == LINEAR_MODULES
+
+
+def test_model_flops_per_token_by_hand():
+    # d = 384, 12 layers, kv 4 * 32 = 128, ffn 1536, vocab 8192, seq 256: per layer
+    # 2 * 384^2 + 2 * 384 * 128 + 3 * 384 * 1536 = 2,162,688 matmul weights; with the head
+    # 12 * 2,162,688 + 384 * 8192 = 29,097,984; 6 x that + 12 * 12 * 256 * 384 = 188,743,680
+    config = ModelConfig(vocab_size=8192, d_model=384, n_layers=12, n_heads=12, n_kv_heads=4, ffn_hidden=1536,
+                         max_seq_len=256)
+    assert model_flops_per_token(config, 256) == 188_743_680
+    # ReLoRA r = 16 on all seven: frozen 12 * 2,162,688, adapters 12 * 16 * (sum of in + out) =
+    # 12 * 16 * 11,520; 188,743,680 - 2 * 25,952,256 + 6 * 2,211,840 = 146,423,808
+    assert relora_flops_per_token(config, 256, 16, LINEAR_MODULES) == 146_423_808
+    # the bounds docs/design.md quotes: 0.776 here, 0.89 and 0.99 at the paper's sizes
+    assert relora_flops_per_token(config, 256, 16, LINEAR_MODULES) / 188_743_680 == pytest.approx(0.776, abs=5e-4)
+    for d, bound in ((384, 0.89), (96, 0.99)):
+        paper = ModelConfig(vocab_size=50304, d_model=d, n_layers=12, n_heads=12, n_kv_heads=4, ffn_hidden=4 * d,
+                            max_seq_len=2048)
+        ratio = relora_flops_per_token(paper, 2048, 16, LINEAR_MODULES) / model_flops_per_token(paper, 2048)
+        assert ratio == pytest.approx(bound, abs=5e-3)
+
+
+@pytest.mark.parametrize("targets", [LINEAR_MODULES, ("q_proj", "w_2")])
+def test_relora_flops_count_the_wrapped_models_weights(targets):
+    config = small_config()
+    with torch.device("meta"):
+        model = wrap_with_lora(PicoDecoder(config), 4, 8, 0.0, targets)
+    frozen = sum(m.weight.numel() for m in lora_modules(model))
+    adapter = sum(m.A_lora.numel() + m.B_lora.numel() for m in lora_modules(model))
+    assert relora_flops_per_token(config, 16, 4, targets) == model_flops_per_token(config, 16) - 2 * frozen + 6 * adapter
+
+
+def reference_forward(model, idx):
+    """The decoder written out: embedding, every block, output norm, LM head."""
+    T = idx.shape[1]
+    x = model.embedding_proj(idx)
+    blocks = []
+    for block in model.layers:
+        x = block(x, model.rope_cos[:T], model.rope_sin[:T])
+        blocks.append(x)
+    return blocks, model.de_embedding_proj(model.output_norm(x)).float()
+
+
+def test_forward_and_residual_stream_are_the_written_out_decoder():
+    torch.manual_seed(0)
+    model = PicoDecoder(small_config()).eval()
+    idx = torch.randint(0, 128, (3, 11))
+    with torch.no_grad():
+        blocks, logits = reference_forward(model, idx)
+        assert torch.equal(model(idx), logits)
+        got, hidden = model(idx, return_hidden=True)
+        assert torch.equal(got, logits) and len(hidden) == 2
+        assert all(torch.equal(h, b) for h, b in zip(hidden, blocks))
+        assert torch.equal(model.residual_stream(idx), blocks[-1])
+    with pytest.raises(ValueError, match="max_seq_len 16"):
+        model.residual_stream(torch.zeros(1, 17, dtype=torch.long))
 
 
 def test_forward_is_causal_and_fp32():

@@ -117,3 +117,71 @@ def test_catalog_usage_says_what_the_workflow_has():
     assert deployment["apptainer+conda"] == (has_container and deployment["conda"])
     assert deployment["report"] is True  # tests/test_workflow_e2e.py builds the report zip
     assert "## Software environments" in (REPO / "README.md").read_text()
+
+
+def commands_by_env() -> dict[str, set[str]]:
+    """{env file name: the `relora` subcommands its rules run}, read from workflow/rules/*.smk."""
+    found: dict[str, set[str]] = {}
+    for rule_file in sorted((REPO / "workflow/rules").glob("*.smk")):
+        for rule in re.split(r"\n(?=rule \w+:)", rule_file.read_text()):
+            env = re.search(r'conda:\s*\n\s*"[^"]*?([\w.-]+\.yaml)"', rule)
+            if env:
+                found.setdefault(env.group(1), set()).update(re.findall(r"python -m relora (\w+)", rule))
+    return found
+
+
+# what the tests below run with torch hidden
+TORCH_FREE_COMMANDS = {"corpus", "tokenizer", "tokenize", "probe", "blimp", "manifest",
+                       "aggregate", "figures", "report"}
+
+
+def test_envs_without_pytorch_run_only_torch_free_commands():
+    by_env = commands_by_env()
+    assert by_env.get("data.yaml") and by_env.get("results.yaml"), by_env
+    for path in ENVS:
+        if "pytorch" not in env_dependencies(path):
+            needing_torch = by_env.get(path.name, set()) - TORCH_FREE_COMMANDS
+            assert not needing_torch, f"{path.name} has no pytorch but its rules run relora {sorted(needing_torch)}"
+
+
+def relora_without_torch(env: dict, cwd, *args: str) -> str:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "relora", *args], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, f"relora {args[0]} without torch:\n{result.stdout[-2000:]}{result.stderr[-3000:]}"
+    return result.stderr
+
+
+def test_data_commands_run_without_torch(tmp_path, torch_hidden_env):
+    """Every command of the data rules, on the end-to-end tests' shrunk study, with torch hidden."""
+    from workflow_helpers import tiny_study, write_study
+
+    study = write_study(tmp_path / "study.yaml", tiny_study(tmp_path))
+    data = tmp_path / "data"
+    for args in (("corpus", "--out", data / "corpus"),
+                 ("tokenizer", "--corpus", data / "corpus", "--out", data / "tokenizer.json"),
+                 ("tokenize", "--corpus", data / "corpus", "--tokenizer", data / "tokenizer.json", "--out", data),
+                 ("probe", "--eval", data / "eval", "--tokenizer", data / "tokenizer.json", "--out", data / "probe.npy"),
+                 ("blimp", "--corpus", data / "corpus", "--tokenizer", data / "tokenizer.json", "--out", data / "blimp")):
+        relora_without_torch(torch_hidden_env, tmp_path, args[0], "--config", str(study), *map(str, args[1:]))
+    relora_without_torch(torch_hidden_env, tmp_path, "manifest", "--data", str(data))
+    relora_without_torch(torch_hidden_env, tmp_path, "manifest", "--data", str(data), "--verify")
+    assert (data / "train.npy").is_file() and (data / "probe.npy").is_file() and any((data / "blimp").iterdir())
+
+
+@pytest.mark.slow
+def test_results_commands_run_without_torch(e2e_study, tmp_path, torch_hidden_env):
+    """aggregate, figures and report on the shrunk study's runs, with torch hidden."""
+    data = e2e_study.results / "data"
+    db, figures = tmp_path / "study.duckdb", tmp_path / "figures"
+    relora_without_torch(torch_hidden_env, tmp_path, "aggregate", "--config", str(e2e_study.study_file),
+                         "--runs", *map(str, e2e_study.run_dirs()),
+                         "--blimp-baselines", str(data / "blimp_unigram.parquet"), "--out", str(db))
+    relora_without_torch(torch_hidden_env, tmp_path, "figures", "--db", str(db), "--out-dir", str(figures),
+                         "--formats", "svg")
+    relora_without_torch(torch_hidden_env, tmp_path, "report", "--config", str(e2e_study.study_file), "--db", str(db),
+                         "--figures", str(figures), "--manifest", str(data / "manifest.json"),
+                         "--out", str(tmp_path / "report.html"))
+    assert db.is_file() and any(figures.glob("*.svg")) and (tmp_path / "report.html").is_file()

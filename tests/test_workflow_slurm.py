@@ -6,8 +6,7 @@ import sys
 import pytest
 
 import fake_slurm
-from workflow_helpers import (REPO, failed_logs, missing_stage_commands, output_of, snakemake,
-                              tiny_study, write_study)
+from workflow_helpers import REPO, failed_logs, output_of, snakemake, tiny_study, write_study
 
 pytestmark = pytest.mark.slow
 
@@ -15,9 +14,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def slurm_study(tmp_path_factory):
     pytest.importorskip("snakemake_executor_plugin_slurm")
-    missing = missing_stage_commands()
-    if missing:
-        pytest.skip(f"relora subcommands not built yet: {', '.join(missing)}")
     root = tmp_path_factory.mktemp("slurm")
     env = fake_slurm.install(root / "bin", root / "slurm")
     env["FAKE_SLURM_ACCOUNT"] = "CHANGE_ME_account"  # the profile's placeholder, as sacctmgr's answer

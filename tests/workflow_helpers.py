@@ -85,19 +85,6 @@ def load_yaml(path: Path) -> dict:
 
 # --- the shrunk end-to-end study ---------------------------------------------------------------
 
-STAGE_COMMANDS = ("corpus", "tokenizer", "tokenize", "probe", "blimp", "manifest", "train",
-                  "evaluate", "dynamics", "aggregate", "figures", "report")
-
-
-def missing_stage_commands() -> list[str]:
-    """`relora` subcommands the workflow calls that this checkout does not have yet."""
-    from relora.cli import build_parser
-
-    parser = build_parser()
-    subparsers = next(a for a in parser._actions if a.dest == "command")
-    return [c for c in STAGE_COMMANDS if c not in subparsers.choices]
-
-
 def tiny_study(root: Path, name: str = "e2e", seeds=(0, 1),
                conditions=("full", "relora-paper", "relora"), device: str = "cpu") -> dict:
     """The shrunk study of the end-to-end tests: the paper's comparison (full, relora-paper,

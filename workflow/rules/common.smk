@@ -22,6 +22,7 @@ shell.prefix("export PYTHONPATH={RELORA_SOURCE}${{PYTHONPATH:+:$PYTHONPATH}}; ")
 
 from relora.config import (PUBLISHED_BLIMP_REFERENCE, ConfigError, deep_merge, load_study, resolve_run,
                            run_config_hash, runs, typed_command_line_values)
+from relora.model_config import ModelConfig, model_flops_per_token, n_parameters
 
 
 # --- the study -------------------------------------------------------------------------------
@@ -365,8 +366,7 @@ def get_train_mem_mb(wildcards):
     run = get_run(wildcards)
     m, t = run["model"], run["training"]
     seq, vocab, d, layers = run["data"]["seq_len"], m["vocab_size"], m["d_model"], m["n_layers"]
-    kv = m["n_kv_heads"] * d // m["n_heads"]
-    params = 2 * vocab * d + layers * (2 * d * d + 2 * d * kv + 3 * d * m["ffn_hidden"])
+    params = n_parameters(ModelConfig(**m))
     if get_train_gpus(wildcards):
         total = (16000 + 32 * params / 1e6) * get_train_gpus(wildcards)  # per process, one per GPU
     else:
@@ -382,8 +382,6 @@ def get_train_runtime(wildcards):
     FLOP/s, doubled, plus 10 minutes for start-up, checkpoints and a resume."""
     if SCHEDULE["runtime"]["train"] is not None:
         return within_limit(SCHEDULE["runtime"]["train"])
-    from relora.model import ModelConfig, model_flops_per_token
-
     run = get_run(wildcards)
     t, seq = run["training"], run["data"]["seq_len"]
     flops = model_flops_per_token(ModelConfig(**run["model"]), seq) * t["steps"] * t["batch_size"] * seq
