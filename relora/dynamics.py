@@ -517,17 +517,18 @@ def snapshot_targets(snapshot: Snapshot, initial: Snapshot | None, gradients: di
 
 def analyse_checkpoints(snapshots: dict, probe: torch.Tensor | None, targets=TARGETS, cka: bool = True,
                         micro_batch: int | None = None, device="cpu", progress=None,
-                        cka_features: str = "block_output", cka_rows: list | None = None) -> list[dict]:
+                        cka_features=("block_output",), cka_rows: list | None = None) -> list[dict]:
     """Dynamics rows (step, layer, module, target, metric, value) of a run's checkpoints.
 
     `snapshots`: {step: callable returning that step's Snapshot} (loaded one at a time, so a
     long run never holds every checkpoint in memory). Step 0 supplies W_0 for `update`; the
-    last step supplies the reference features for `cka_to_final`: `cka_features` (CKA_FEATURES)
-    over `cka_rows` (token sequences; None: the probe windows).
+    last step supplies the reference features for `cka_to_final`: each of `cka_features`
+    (names in CKA_FEATURES) over `cka_rows` (token sequences; None: the probe windows).
     """
     steps = sorted(snapshots)
+    cka_features = (cka_features,) if isinstance(cka_features, str) else tuple(cka_features)
     # the default CKA (block outputs on the probe) comes out of the gradients' forward pass
-    cka_on_probe_pass = cka and cka_features == "block_output" and cka_rows is None
+    cka_on_probe_pass = cka and cka_features == ("block_output",) and cka_rows is None
     need_probe = "gradient" in targets or (cka and cka_rows is None)
     if need_probe and probe is None:
         raise ValueError("the gradient target and CKA on the probe rows need the probe batch")
@@ -543,7 +544,8 @@ def analyse_checkpoints(snapshots: dict, probe: torch.Tensor | None, targets=TAR
         if cka_on_probe_pass:
             _, activations = probe_gradients_and_activations(model, probe, micro_batch)
             return {(layer, "block"): a for layer, a in enumerate(activations)}
-        return activation_features(model, cka_rows, cka_features, micro_batch or 16)
+        return {key: X for name in cka_features
+                for key, X in activation_features(model, cka_rows, name, micro_batch or 16).items()}
 
     final_features = features_of(snapshots[steps[-1]]().model(device)) if cka else None
     rows, previous_factors = [], None
