@@ -45,8 +45,8 @@ quirk: a reset that optimizer master copies undid would leave A a continuation o
 
 `condition_number_raw` (adapters) is the paper's conditioning: sigma_max / sigma_min over all k
 singular values of B @ A formed in the factors' stored dtype, with no tolerance. For a rank-r
-product (r < k) sigma_min is the rounding noise of that product, so the value (1e4-1e7 in the
-paper) measures the dtype, not the adapter.
+product (r < k) sigma_min is the rounding noise of that product, so the value measures the
+dtype, not the adapter (1e4-1e7 in the paper's bf16; float32 factors give about 1e8-1e11).
 
 Target `ov` (the paper's OV circuit, from the stored W_V and W_O: for ReLoRA the frozen W without
 the adapter, as the paper read its checkpoints) per layer: for head h with key/value head

@@ -21,9 +21,11 @@ def register(subparsers) -> None:
                     "rank metrics of weights, gradients, updates, adapters and CKA",
                     "Analyse a run's checkpoints at the study's analysis steps: spectrum metrics "
                     "(proportional effective rank, numerical rank, condition numbers, ...) of every linear "
-                    "module's weight, probe-batch gradient, cumulative update and ReLoRA adapter, the "
-                    "adapters' largest entries, and CKA of each block to the final step "
-                    "(dynamics.parquet).")
+                    "module's weight, probe-batch gradient, cumulative update and ReLoRA adapter (and, "
+                    "as analysis.targets asks, the attention OV circuits), the adapters' largest entries "
+                    "and whether A was re-drawn since the previous analysed step, and CKA to the final "
+                    "step (analysis.cka: block outputs on the probe batch, or the paper's last-token "
+                    "features over the evaluation documents) (dynamics.parquet).")
     add_run_options(p)
     p.add_argument("--out-dir", type=Path, default=None, help="where the table goes (default: the run directory)")
 
