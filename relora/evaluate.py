@@ -140,6 +140,9 @@ def truncate_documents(documents: list, n_bytes: list[int] | None, context: int,
         raise ValueError("truncating documents needs the tokenizer's bytes per token to count their bytes")
     n_bytes = list(n_bytes)
     for i in long:
+        if max(cut[i]) >= len(token_bytes):
+            raise ValueError(f"document {i} has token id {max(cut[i])} outside the tokenizer's "
+                             f"{len(token_bytes)} tokens")
         n_bytes[i] = int(token_bytes[np.asarray(cut[i][1:], dtype=np.int64)].sum())
     return cut, n_bytes
 
