@@ -14,8 +14,11 @@ bytes and NLL count the scored part only).
 BLiMP (Warstadt et al. 2020): a minimal pair is correct when the grammatical sentence has the
 higher total log-probability. With `evaluation.blimp.first_token: scored` that is the sum over all
 its tokens with the first predicted from an EOS context; with `unscored` (the paper's
-re-implementation) the sentence is read without EOS and its first token is context only, so two
-sentences differing only in their first token score the same. Accuracy per paradigm (UID); per
+re-implementation) the sentence is read without EOS and its first token is context only: a pair
+that differs only in its first word (all pairs of only_npi_licensor_present and
+superlative_quantifiers_2) is then decided by how that word conditions the rest of the sentence,
+not by its own probability (a one-token sentence scores 0, so such a pair is a tie, counted
+wrong). Accuracy per paradigm (UID); per
 phenomenon (`linguistics_term`) and overall as means of paradigms.
 
 Both score token sequences in length-sorted batches padded on the right: the decoder is causal,

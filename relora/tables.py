@@ -132,8 +132,8 @@ BLIMP = _table(
     ("source", "VARCHAR", "where the pairs came from: generated, blimp (the published pairs), ..."),
     # optional so that run files written before the option existed (all `scored`) still aggregate
     Column("first_token", "VARCHAR", "scored: a sentence's first token counted, predicted from EOS; "
-                                     "unscored: the first token context only (the paper's convention; a pair "
-                                     "differing only in its first token is a tie, wrong); NULL: a file "
+                                     "unscored: the first token context only, its own probability not counted "
+                                     "(the paper's convention); NULL: a file "
                                      "written before the option, scored", required=False),
     order="step, uid")
 

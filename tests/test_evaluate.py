@@ -159,7 +159,7 @@ def test_truncate_scores_the_first_context_tokens_and_sliding_all_of_them():
         score_documents(model, docs, long_documents="cut")
 
 
-def test_unscored_first_token_makes_a_first_word_pair_a_tie():
+def test_unscored_first_token_leaves_its_own_probability_out():
     config = tiny_config()
     model, table = bigram_model(config, seed=8)
     eos = 0
