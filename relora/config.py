@@ -249,7 +249,10 @@ def check_semantics(study: dict, source: str) -> None:
             model_config(study, name)
         except ValueError as e:
             raise ConfigError(f"{source}: sizes.{name}: {e}") from None
+    _check_cadence((study.get("evaluation") or {}).get("every"), f"{source}: evaluation.every")
     for name in study["conditions"]:
+        _check_cadence(((study["conditions"][name].get("evaluation") or {}).get("every")),
+                       f"{source}: conditions.{name}.evaluation.every")
         run = resolve_run(study, next(iter(study["sizes"])), name, study["seeds"][0])
         training, method = run["training"], run["method"]
         key = f"{source}: conditions.{name}"
@@ -300,6 +303,38 @@ def _steps_every(every: int | None, last: int) -> set[int]:
     return steps
 
 
+def cadence_steps(every, last: int) -> set[int]:
+    """Steps of an evaluation cadence within a run of `last` updates: step 0, the last, and
+    - every N (an integer): the multiples of N;
+    - a schedule [[u_1, e_1], [u_2, e_2], ...] (u increasing): each k with u_{i-1} < k <= u_i
+      (u_0 = 0) that is a multiple of e_i; no step after the last u.
+    E.g. [[2000, 50], [20100, 100]] gives 50, 100, ..., 2000, 2100, 2200, ..., 20100."""
+    if not isinstance(every, list):
+        return _steps_every(every, last)
+    steps, start = {0, last}, 0
+    for until, period in every:
+        first = (start // period + 1) * period  # the first multiple of period after start
+        steps.update(range(first, min(until, last - 1) + 1, period))
+        start = until
+    return steps
+
+
+def evaluation_cadence(study: dict, condition: str):
+    """The evaluation cadence of a condition's runs: its own `evaluation.every` when it has one,
+    else the study's."""
+    own = study["conditions"][condition].get("evaluation") or {}
+    if "every" in own:
+        return own["every"]
+    return (study.get("evaluation") or {}).get("every")
+
+
+def _check_cadence(every, key: str) -> None:
+    if isinstance(every, list):
+        until = [u for u, _ in every]
+        if any(b <= a for a, b in zip(until, until[1:])):
+            raise ConfigError(f"{key}: the until_steps {until} of the schedule must increase")
+
+
 def merge_steps(training: dict, method: dict) -> list[int]:
     """Updates k after which the adapters are merged: k > max(W, S) and k mod R == 1."""
     period = method.get("reset_every")
@@ -347,6 +382,7 @@ def _training_and_method(study: dict, condition: str) -> tuple[dict, dict]:
     training["schedule"] = fill_defaults(training.get("schedule", {}), load_schema()["$defs"]["schedule"])
     if training["schedule"]["horizon"] is None:
         training["schedule"]["horizon"] = training["steps"]
+    spec.pop("evaluation", None)  # the condition's cadence: evaluation_cadence
     method = {"name": spec.pop("method")}
     if method["name"] == "relora":
         method.update(spec)
@@ -370,7 +406,7 @@ def resolve_run(study: dict, size: str, condition: str, seed: int) -> dict:
         raise ConfigError(f"seed {seed} is not in the study (seeds: {study['seeds']})")
     training, method = _training_and_method(study, condition)
     last = training["steps"]
-    evaluation = _steps_every(study.get("evaluation", {}).get("every"), last)
+    evaluation = cadence_steps(evaluation_cadence(study, condition), last)
     analysis = _steps_every(study.get("analysis", {}).get("every"), last)
     analysis |= _analysis_around_merges(study, training, method)
     checkpoint = _steps_every(training["checkpoint_every"], last) | evaluation | analysis

@@ -227,3 +227,53 @@ print("resolved without torch:", run["size"], run["condition"], run["method"].ge
                             timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("resolved without torch: small relora")
+
+
+def test_evaluation_schedule_steps_follow_the_formula():
+    from relora.config import cadence_steps
+
+    # every e_i on (u_{i-1}, u_i], multiples of e_i; 0 and the last always
+    assert sorted(cadence_steps([[2000, 50], [20100, 100]], 20000)) == \
+        [0, *range(50, 2001, 50), *range(2100, 20001, 100)]
+    assert sorted(cadence_steps([[2000, 50], [20100, 100]], 20100)) == \
+        [0, *range(50, 2001, 50), *range(2100, 20101, 100)]
+    # a segment's first step is the first multiple of its period after the previous until_step
+    assert sorted(cadence_steps([[7, 3], [20, 5]], 30)) == [0, 3, 6, 10, 15, 20, 30]
+    assert sorted(cadence_steps(4, 10)) == [0, 4, 8, 10] and sorted(cadence_steps(None, 10)) == [0, 10]
+
+
+def test_a_condition_evaluates_at_its_own_cadence_and_checkpoints_every_evaluated_step():
+    s = load_study(study(conditions__relora__evaluation={"every": [[10, 2], [25, 5]]}))
+    full, relora = resolve_run(s, "tiny", "full", 0), resolve_run(s, "tiny", "relora", 0)
+    assert full["steps"]["evaluation"] == [0, 15, 30]  # the study's every: 15
+    assert relora["steps"]["evaluation"] == [0, 2, 4, 6, 8, 10, 15, 20, 25, 30]
+    assert set(relora["steps"]["evaluation"]) <= set(relora["steps"]["checkpoint"])
+    assert relora["steps"]["checkpoint"] == [0, 2, 4, 6, 8, 10, 15, 20, 25, 30]
+    assert "evaluation" not in relora["method"]  # the cadence is no method setting
+    # the cadence is not part of the trajectory: the run resumes under a new one
+    assert run_config_hash(relora) == run_config_hash(resolve_run(load_study(study()), "tiny", "relora", 0))
+    with pytest.raises(ConfigError, match=r"conditions.relora.evaluation.every: the until_steps \[10, 10\]"):
+        load_study(study(conditions__relora__evaluation={"every": [[10, 2], [10, 5]]}))
+    with pytest.raises(ConfigError, match="conditions.relora.evaluation"):
+        load_study(study(conditions__relora__evaluation={"every": [[10]]}))
+
+
+def test_paper_study_evaluates_at_the_papers_cadence(repo):
+    s = load_study(repo / "workflow" / "studies" / "paper.yaml")
+    last = s["training"]["steps"]
+    full = resolve_run(s, "tiny", "full", 0)["steps"]
+    assert full["evaluation"] == sorted({0, *range(1000, last + 1, 1000), last})
+    for condition in ("relora", "relora-paper"):
+        steps = resolve_run(s, "tiny", condition, 0)["steps"]
+        assert steps["evaluation"] == sorted({0, *range(50, 2001, 50), *range(2100, last + 1, 100), last})
+        assert set(steps["evaluation"]) <= set(steps["checkpoint"])
+    assert s["evaluation"]["perplexity"]["long_documents"] == "truncate"
+    assert s["evaluation"]["perplexity"]["doc_mean"] == "pooled"
+    assert s["evaluation"]["blimp"]["first_token"] == "unscored"
+
+
+def test_evaluation_conventions_default_to_this_projects():
+    s = load_study(study())
+    assert s["evaluation"]["perplexity"]["long_documents"] == "sliding"
+    assert s["evaluation"]["perplexity"]["doc_mean"] == "per_domain"
+    assert s["evaluation"]["blimp"]["first_token"] == "scored"
