@@ -250,12 +250,18 @@ def check_semantics(study: dict, source: str) -> None:
         except ValueError as e:
             raise ConfigError(f"{source}: sizes.{name}: {e}") from None
     _check_cadence((study.get("evaluation") or {}).get("every"), f"{source}: evaluation.every")
-    for name in study["conditions"]:
-        _check_cadence(((study["conditions"][name].get("evaluation") or {}).get("every")),
+    for name, spec in study["conditions"].items():
+        _check_cadence(((spec.get("evaluation") or {}).get("every")),
                        f"{source}: conditions.{name}.evaluation.every")
-        run = resolve_run(study, next(iter(study["sizes"])), name, study["seeds"][0])
-        training, method = run["training"], run["method"]
         key = f"{source}: conditions.{name}"
+        for field, known in (("sizes", list(study["sizes"])), ("seeds", study["seeds"])):
+            unknown = [v for v in spec.get(field) or [] if v not in known]
+            if unknown:
+                raise ConfigError(f"{key}.{field}: {', '.join(map(str, unknown))} not in the study's "
+                                  f"{field} ({', '.join(map(str, known))})")
+        size, condition_seed = condition_sizes(study, name)[0], condition_seeds(study, name)[0]
+        run = resolve_run(study, size, name, condition_seed)
+        training, method = run["training"], run["method"]
         if training["batch_size"] % training["grad_accum"]:
             raise ConfigError(f"{key}: training.batch_size {training['batch_size']} is not divisible "
                               f"by grad_accum {training['grad_accum']}")
@@ -288,7 +294,7 @@ def check_semantics(study: dict, source: str) -> None:
             if method["restart_warmup"] > period:
                 raise ConfigError(f"{key}.restart_warmup: {method['restart_warmup']} is longer than "
                                   f"the reset period {period}")
-        for size in study["sizes"]:
+        for size in condition_sizes(study, name):
             shapes = model_config(study, size).linear_shapes
             for target in method["targets"]:
                 if method["rank"] > min(shapes[target]):
@@ -378,15 +384,17 @@ def _analysis_around_merges(study: dict, training: dict, method: dict) -> set[in
 def _training_and_method(study: dict, condition: str) -> tuple[dict, dict]:
     """A condition's training section (its overrides applied) and method."""
     spec = copy.deepcopy(study["conditions"][condition])
+    # which runs a condition has, what it is called and when it is evaluated change no update;
+    # the cadence is read by evaluation_cadence
+    for not_trajectory in ("sizes", "seeds", "description", "evaluation"):
+        spec.pop(not_trajectory, None)
     training = deep_merge(study["training"], spec.pop("training", {}))
     training["schedule"] = fill_defaults(training.get("schedule", {}), load_schema()["$defs"]["schedule"])
     if training["schedule"]["horizon"] is None:
         training["schedule"]["horizon"] = training["steps"]
-    spec.pop("evaluation", None)  # the condition's cadence: evaluation_cadence
     method = {"name": spec.pop("method")}
     if method["name"] == "relora":
         method.update(spec)
-        method.pop("description", None)
         method["scale"] = adapter_scale(method["alpha"], method["rank"])
         if training["schedule"]["name"] == "jagged_cosine":
             training["schedule"]["reset_every"] = method["reset_every"]
@@ -404,6 +412,12 @@ def resolve_run(study: dict, size: str, condition: str, seed: int) -> dict:
                           f"(conditions: {', '.join(study['conditions'])})")
     if seed not in study["seeds"]:
         raise ConfigError(f"seed {seed} is not in the study (seeds: {study['seeds']})")
+    if size not in condition_sizes(study, condition):
+        raise ConfigError(f"condition '{condition}' does not run at size '{size}' "
+                          f"(conditions.{condition}.sizes: {condition_sizes(study, condition)})")
+    if seed not in condition_seeds(study, condition):
+        raise ConfigError(f"condition '{condition}' does not run with seed {seed} "
+                          f"(conditions.{condition}.seeds: {condition_seeds(study, condition)})")
     training, method = _training_and_method(study, condition)
     last = training["steps"]
     evaluation = cadence_steps(evaluation_cadence(study, condition), last)
@@ -450,6 +464,17 @@ def run_config_hash(run: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def condition_sizes(study: dict, condition: str) -> list[str]:
+    """The sizes a condition runs at: its `sizes`, or every size of the study."""
+    return list(study["conditions"][condition].get("sizes") or study["sizes"])
+
+
+def condition_seeds(study: dict, condition: str) -> list[int]:
+    """The seeds a condition runs with: its `seeds`, or every seed of the study."""
+    return list(study["conditions"][condition].get("seeds") or study["seeds"])
+
+
 def runs(study: dict) -> list[tuple[str, str, int]]:
-    """Every (size, condition, seed) of a study."""
-    return [(s, c, n) for s in study["sizes"] for c in study["conditions"] for n in study["seeds"]]
+    """Every (size, condition, seed) of a study, in the order of its sizes, conditions and seeds."""
+    return [(s, c, n) for s in study["sizes"] for c in study["conditions"] for n in study["seeds"]
+            if s in condition_sizes(study, c) and n in condition_seeds(study, c)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .checkpoint import build_model
-from .config import resolve_run
+from .config import resolve_run, runs
 from .model import count_parameters
 from .model_config import model_flops_per_token, relora_flops_per_token
 from .optim import lr_factor
@@ -79,6 +79,9 @@ def describe_run(run: dict, eval_tokens: int | None = None) -> dict:
 
 
 def describe_study(study: dict, eval_tokens: int | None = None) -> list[dict]:
-    seed = study["seeds"][0]
+    """One row per (size, condition) the study runs, described at the condition's first seed."""
+    first = {}
+    for size, condition, seed in runs(study):
+        first.setdefault((size, condition), seed)
     return [describe_run(resolve_run(study, size, condition, seed), eval_tokens)
-            for size in study["sizes"] for condition in study["conditions"]]
+            for (size, condition), seed in first.items()]

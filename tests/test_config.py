@@ -277,3 +277,35 @@ def test_evaluation_conventions_default_to_this_projects():
     assert s["evaluation"]["perplexity"]["long_documents"] == "sliding"
     assert s["evaluation"]["perplexity"]["doc_mean"] == "per_domain"
     assert s["evaluation"]["blimp"]["first_token"] == "scored"
+
+
+def test_a_condition_can_run_at_some_sizes_and_seeds_only():
+    two_sizes = {"tiny": BASE["sizes"]["tiny"], "wide": {"d_model": 48, "n_layers": 2, "n_heads": 6, "n_kv_heads": 2}}
+    whole = load_study(study(sizes=two_sizes, seeds=[0, 1, 2]))
+    narrowed_config = study(sizes=two_sizes, seeds=[0, 1, 2])
+    narrowed_config["conditions"]["relora"].update(sizes=["tiny"], seeds=[0, 2])
+    narrowed = load_study(narrowed_config)
+    assert len(runs(whole)) == 2 * 2 * 3
+    # full at both sizes and three seeds; relora only at tiny with seeds 0 and 2
+    assert runs(narrowed) == [("tiny", "full", 0), ("tiny", "full", 1), ("tiny", "full", 2),
+                              ("tiny", "relora", 0), ("tiny", "relora", 2),
+                              ("wide", "full", 0), ("wide", "full", 1), ("wide", "full", 2)]
+    # selecting runs changes none of them: same resolved run, same trajectory hash
+    for size, condition, seed in runs(narrowed):
+        assert resolve_run(narrowed, size, condition, seed) == resolve_run(whole, size, condition, seed)
+    with pytest.raises(ConfigError, match="'relora' does not run at size 'wide'"):
+        resolve_run(narrowed, "wide", "relora", 0)
+    with pytest.raises(ConfigError, match="'relora' does not run with seed 1"):
+        resolve_run(narrowed, "tiny", "relora", 1)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("sizes", ["tiny", "huge"], r"conditions.relora.sizes: huge not in the study's sizes \(tiny\)"),
+    ("seeds", [0, 7], r"conditions.relora.seeds: 7 not in the study's seeds \(0, 1\)"),
+    ("sizes", [], "conditions.relora.sizes"),
+])
+def test_condition_sizes_and_seeds_must_be_the_studys(field, value, message):
+    config = study()
+    config["conditions"]["relora"][field] = value
+    with pytest.raises(ConfigError, match=message):
+        load_study(config)
