@@ -258,10 +258,19 @@ def check_semantics(study: dict, source: str) -> None:
             model_config(study, name)
         except ValueError as e:
             raise ConfigError(f"{source}: sizes.{name}: {e}") from None
-    for name in study["conditions"]:
-        run = resolve_run(study, next(iter(study["sizes"])), name, study["seeds"][0])
-        training, method = run["training"], run["method"]
+    _check_cadence((study.get("evaluation") or {}).get("every"), f"{source}: evaluation.every")
+    for name, spec in study["conditions"].items():
+        _check_cadence(((spec.get("evaluation") or {}).get("every")),
+                       f"{source}: conditions.{name}.evaluation.every")
         key = f"{source}: conditions.{name}"
+        for field, known in (("sizes", list(study["sizes"])), ("seeds", study["seeds"])):
+            unknown = [v for v in spec.get(field) or [] if v not in known]
+            if unknown:
+                raise ConfigError(f"{key}.{field}: {', '.join(map(str, unknown))} not in the study's "
+                                  f"{field} ({', '.join(map(str, known))})")
+        size, condition_seed = condition_sizes(study, name)[0], condition_seeds(study, name)[0]
+        run = resolve_run(study, size, name, condition_seed)
+        training, method = run["training"], run["method"]
         if training["batch_size"] % training["grad_accum"]:
             raise ConfigError(f"{key}: training.batch_size {training['batch_size']} is not divisible "
                               f"by grad_accum {training['grad_accum']}")
@@ -294,7 +303,7 @@ def check_semantics(study: dict, source: str) -> None:
             if method["restart_warmup"] > period:
                 raise ConfigError(f"{key}.restart_warmup: {method['restart_warmup']} is longer than "
                                   f"the reset period {period}")
-        for size in study["sizes"]:
+        for size in condition_sizes(study, name):
             shapes = model_config(study, size).linear_shapes
             for target in method["targets"]:
                 if method["rank"] > min(shapes[target]):
@@ -307,6 +316,38 @@ def _steps_every(every: int | None, last: int) -> set[int]:
     if every:
         steps.update(range(every, last, every))
     return steps
+
+
+def cadence_steps(every, last: int) -> set[int]:
+    """Steps of an evaluation cadence within a run of `last` updates: step 0, the last, and
+    - every N (an integer): the multiples of N;
+    - a schedule [[u_1, e_1], [u_2, e_2], ...] (u increasing): each k with u_{i-1} < k <= u_i
+      (u_0 = 0) that is a multiple of e_i; no step after the last u.
+    E.g. [[2000, 50], [20100, 100]] gives 50, 100, ..., 2000, 2100, 2200, ..., 20100."""
+    if not isinstance(every, list):
+        return _steps_every(every, last)
+    steps, start = {0, last}, 0
+    for until, period in every:
+        first = (start // period + 1) * period  # the first multiple of period after start
+        steps.update(range(first, min(until, last - 1) + 1, period))
+        start = until
+    return steps
+
+
+def evaluation_cadence(study: dict, condition: str):
+    """The evaluation cadence of a condition's runs: its own `evaluation.every` when it has one,
+    else the study's."""
+    own = study["conditions"][condition].get("evaluation") or {}
+    if "every" in own:
+        return own["every"]
+    return (study.get("evaluation") or {}).get("every")
+
+
+def _check_cadence(every, key: str) -> None:
+    if isinstance(every, list):
+        until = [u for u, _ in every]
+        if any(b <= a for a, b in zip(until, until[1:])):
+            raise ConfigError(f"{key}: the until_steps {until} of the schedule must increase")
 
 
 def merge_steps(training: dict, method: dict) -> list[int]:
@@ -352,6 +393,10 @@ def _analysis_around_merges(study: dict, training: dict, method: dict) -> set[in
 def _training_and_method(study: dict, condition: str) -> tuple[dict, dict]:
     """A condition's training section (its overrides applied) and method."""
     spec = copy.deepcopy(study["conditions"][condition])
+    # which runs a condition has, what it is called and when it is evaluated change no update;
+    # the cadence is read by evaluation_cadence
+    for not_trajectory in ("sizes", "seeds", "description", "evaluation"):
+        spec.pop(not_trajectory, None)
     training = deep_merge(study["training"], spec.pop("training", {}))
     training["schedule"] = fill_defaults(training.get("schedule", {}), load_schema()["$defs"]["schedule"])
     if training["schedule"]["horizon"] is None:
@@ -359,7 +404,6 @@ def _training_and_method(study: dict, condition: str) -> tuple[dict, dict]:
     method = {"name": spec.pop("method")}
     if method["name"] == "relora":
         method.update(spec)
-        method.pop("description", None)
         method["scale"] = adapter_scale(method["alpha"], method["rank"])
         if training["schedule"]["name"] == "jagged_cosine":
             training["schedule"]["reset_every"] = method["reset_every"]
@@ -377,9 +421,15 @@ def resolve_run(study: dict, size: str, condition: str, seed: int) -> dict:
                           f"(conditions: {', '.join(study['conditions'])})")
     if seed not in study["seeds"]:
         raise ConfigError(f"seed {seed} is not in the study (seeds: {study['seeds']})")
+    if size not in condition_sizes(study, condition):
+        raise ConfigError(f"condition '{condition}' does not run at size '{size}' "
+                          f"(conditions.{condition}.sizes: {condition_sizes(study, condition)})")
+    if seed not in condition_seeds(study, condition):
+        raise ConfigError(f"condition '{condition}' does not run with seed {seed} "
+                          f"(conditions.{condition}.seeds: {condition_seeds(study, condition)})")
     training, method = _training_and_method(study, condition)
     last = training["steps"]
-    evaluation = _steps_every(study.get("evaluation", {}).get("every"), last)
+    evaluation = cadence_steps(evaluation_cadence(study, condition), last)
     analysis = _steps_every(study.get("analysis", {}).get("every"), last)
     analysis |= _analysis_around_merges(study, training, method)
     checkpoint = _steps_every(training["checkpoint_every"], last) | evaluation | analysis
@@ -435,6 +485,17 @@ def cka_settings(analysis: dict) -> dict:
     return {"enabled": True, **defaults, **value}
 
 
+def condition_sizes(study: dict, condition: str) -> list[str]:
+    """The sizes a condition runs at: its `sizes`, or every size of the study."""
+    return list(study["conditions"][condition].get("sizes") or study["sizes"])
+
+
+def condition_seeds(study: dict, condition: str) -> list[int]:
+    """The seeds a condition runs with: its `seeds`, or every seed of the study."""
+    return list(study["conditions"][condition].get("seeds") or study["seeds"])
+
+
 def runs(study: dict) -> list[tuple[str, str, int]]:
-    """Every (size, condition, seed) of a study."""
-    return [(s, c, n) for s in study["sizes"] for c in study["conditions"] for n in study["seeds"]]
+    """Every (size, condition, seed) of a study, in the order of its sizes, conditions and seeds."""
+    return [(s, c, n) for s in study["sizes"] for c in study["conditions"] for n in study["seeds"]
+            if s in condition_sizes(study, c) and n in condition_seeds(study, c)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .checkpoint import build_model
-from .config import resolve_run
+from .config import resolve_run, runs
 from .model import count_parameters
 from .model_config import model_flops_per_token, relora_flops_per_token
 from .optim import lr_factor
@@ -30,7 +30,16 @@ def paper_lr_after_merge() -> float:
     return lr_after_merge(PAPER_RELORA["lr"], PAPER_RELORA["schedule"], PAPER_RELORA["first_merge"])
 
 
-def describe_run(run: dict) -> dict:
+def checkpoint_bytes(model: torch.nn.Module) -> int:
+    """Bytes of one checkpoint's tensors: every entry of the state dict (parameters, adapters
+    A and B included, and persistent buffers) at its stored dtype; the file adds a small header
+    and config.json."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def describe_run(run: dict, eval_tokens: int | None = None) -> dict:
+    """One run's sizes and costs. `eval_tokens`: tokens scored per evaluation (held-out
+    documents and BLiMP sentences), when known, for the evaluation FLOPs."""
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         model = build_model(run["model"], run["method"])
     total, trainable = count_parameters(model)
@@ -57,10 +66,22 @@ def describe_run(run: dict) -> dict:
         "lr_after_merge": after_merge,
         "paper_lr_after_merge": paper_lr_after_merge() if merges else None,
         "lr_after_merge_over_paper": after_merge / paper_lr_after_merge() if merges else None,
+        # every evaluated (and analysed) step is a checkpoint kept on disk
+        "n_checkpoints": len(run["steps"]["checkpoint"]),
+        "checkpoint_bytes": checkpoint_bytes(model),
+        "checkpoints_disk_bytes": len(run["steps"]["checkpoint"]) * checkpoint_bytes(model),
+        "n_evaluations": len(run["steps"]["evaluation"]),
+        # evaluation scores the effective weights in a plain decoder: a forward pass, a third of
+        # the training FLOPs per token of the full-rank model
+        "eval_flops": (len(run["steps"]["evaluation"]) * eval_tokens * full_flops / 3
+                       if eval_tokens is not None else None),
     }
 
 
-def describe_study(study: dict) -> list[dict]:
-    seed = study["seeds"][0]
-    return [describe_run(resolve_run(study, size, condition, seed))
-            for size in study["sizes"] for condition in study["conditions"]]
+def describe_study(study: dict, eval_tokens: int | None = None) -> list[dict]:
+    """One row per (size, condition) the study runs, described at the condition's first seed."""
+    first = {}
+    for size, condition, seed in runs(study):
+        first.setdefault((size, condition), seed)
+    return [describe_run(resolve_run(study, size, condition, seed), eval_tokens)
+            for (size, condition), seed in first.items()]

@@ -4,14 +4,22 @@ docs/design.md, Metrics. Perplexity per held-out domain is token-weighted, exp(s
 tokens), the first token of every document not predicted; bits per byte = sum NLL / (ln 2 * UTF-8
 bytes of the predicted tokens), which compares models with different tokenizers; beside them the
 paper's convention, the mean over documents of per-document perplexity (Paloma, Magnusson et al.
-2023, reports the token-weighted one). Documents longer than the context are scored with a sliding
-window (each token predicted once, with at least `context - stride` tokens of context after the
-first window, so stride < context; the Hugging Face "perplexity of fixed-length models" recipe).
+2023, reports the token-weighted one). Documents longer than the context are, by
+`evaluation.perplexity.long_documents`, scored with a sliding window (`sliding`: each token
+predicted once, with at least `context - stride` tokens of context after the first window, so
+stride < context; the Hugging Face "perplexity of fixed-length models" recipe) or cut to their
+first `context` tokens (`truncate`, the paper's convention: the rest is not scored, and tokens,
+bytes and NLL count the scored part only).
 
 BLiMP (Warstadt et al. 2020): a minimal pair is correct when the grammatical sentence has the
-higher total log-probability, the sum over all its tokens with the first predicted from an EOS
-context. Accuracy per paradigm (UID); per phenomenon (`linguistics_term`) and overall as means
-of paradigms.
+higher total log-probability. With `evaluation.blimp.first_token: scored` that is the sum over all
+its tokens with the first predicted from an EOS context; with `unscored` (the paper's
+re-implementation) the sentence is read without EOS and its first token is context only: a pair
+that differs only in its first word (all pairs of only_npi_licensor_present and
+superlative_quantifiers_2) is then decided by how that word conditions the rest of the sentence,
+not by its own probability (a one-token sentence scores 0, so such a pair is a tie, counted
+wrong). Accuracy per paradigm (UID); per
+phenomenon (`linguistics_term`) and overall as means of paradigms.
 
 Both score token sequences in length-sorted batches padded on the right: the decoder is causal,
 so padding after a sequence never changes its logits, and only the loss needs a mask.
@@ -119,10 +127,42 @@ class DomainScore:
         return self.nll / (math.log(2) * self.bytes) if self.bytes else math.nan
 
 
+LONG_DOCUMENTS = ("sliding", "truncate")
+
+
+def truncate_documents(documents: list, n_bytes: list[int] | None, context: int,
+                       token_bytes: np.ndarray | None) -> tuple[list, list[int] | None]:
+    """Each document cut to its first `context` tokens, and the UTF-8 bytes of its predicted
+    tokens recounted for those cut (`token_bytes[id]`: the bytes a token stands for); documents
+    that fit keep their recorded bytes."""
+    cut = [doc[:context] for doc in documents]
+    if n_bytes is None:
+        return cut, None
+    long = [i for i, doc in enumerate(documents) if len(doc) > context]
+    if long and token_bytes is None:
+        raise ValueError("truncating documents needs the tokenizer's bytes per token to count their bytes")
+    n_bytes = list(n_bytes)
+    for i in long:
+        if max(cut[i]) >= len(token_bytes):
+            raise ValueError(f"document {i} has token id {max(cut[i])} outside the tokenizer's "
+                             f"{len(token_bytes)} tokens")
+        n_bytes[i] = int(token_bytes[np.asarray(cut[i][1:], dtype=np.int64)].sum())
+    return cut, n_bytes
+
+
 def score_documents(model: PicoDecoder, documents: list, n_bytes: list[int] | None = None,
-                    stride: int | None = None, batch_tokens: int = 4096, device=None) -> DomainScore:
-    """Token-weighted NLL, bits per byte and mean per-document perplexity of a set of documents."""
+                    stride: int | None = None, batch_tokens: int = 4096, device=None,
+                    long_documents: str = "sliding", token_bytes: np.ndarray | None = None) -> DomainScore:
+    """Token-weighted NLL, bits per byte and mean per-document perplexity of a set of documents.
+
+    `long_documents`: `sliding` scores every token of a document longer than the context with
+    sliding windows; `truncate` scores its first `context` tokens only (`token_bytes` recounts
+    their bytes)."""
     context = model.config.max_seq_len
+    if long_documents not in LONG_DOCUMENTS:
+        raise ValueError(f"long_documents '{long_documents}' is not one of {', '.join(LONG_DOCUMENTS)}")
+    if long_documents == "truncate":
+        documents, n_bytes = truncate_documents(documents, n_bytes, context, token_bytes)
     stride = stride or max(context // 2, 1)
     windows, owners, first = [], [], []
     for d, doc in enumerate(documents):
@@ -173,18 +213,30 @@ def read_eval_domains(eval_dir, max_docs: int | None = None) -> dict[str, tuple[
 # BLiMP
 
 
+FIRST_TOKEN = ("scored", "unscored")
+
+
+def _sentence_sequence(tokens, eos_id: int, first_token: str) -> list[int]:
+    """What the model reads for a sentence: EOS then the sentence (`scored`: the first token is
+    predicted from EOS), or the sentence alone (`unscored`: its first token is context only)."""
+    if first_token not in FIRST_TOKEN:
+        raise ValueError(f"first_token '{first_token}' is not one of {', '.join(FIRST_TOKEN)}")
+    return [eos_id, *tokens] if first_token == "scored" else list(tokens)
+
+
 def score_sentences(model: PicoDecoder, sentences: list, eos_id: int, batch_tokens: int = 4096,
-                    device=None) -> np.ndarray:
-    """Total log-probability of each tokenised sentence, its first token predicted from EOS."""
-    sequences = [[eos_id, *tokens] for tokens in sentences]
+                    device=None, first_token: str = "scored") -> np.ndarray:
+    """Total log-probability of each tokenised sentence: every token predicted from the ones
+    before it, the first from EOS (`scored`) or not at all (`unscored`)."""
+    sequences = [_sentence_sequence(tokens, eos_id, first_token) for tokens in sentences]
     return -score_sequences(model, sequences, None, batch_tokens, device)
 
 
 @torch.no_grad()
-def score_sentence_naive(model: PicoDecoder, tokens, eos_id: int) -> float:
+def score_sentence_naive(model: PicoDecoder, tokens, eos_id: int, first_token: str = "scored") -> float:
     """The same, one sentence and one position at a time: the reference the batched path is tested on."""
     device = next(model.parameters()).device
-    seq = torch.tensor([[eos_id, *tokens]], device=device)
+    seq = torch.tensor([_sentence_sequence(tokens, eos_id, first_token)], device=device)
     log_probs = torch.log_softmax(model(seq).double(), dim=-1)[0]  # (T, V)
     return float(sum(log_probs[p - 1, seq[0, p]] for p in range(1, seq.shape[1])))
 
@@ -206,20 +258,22 @@ def read_blimp(blimp_dir) -> list[dict]:
 
 
 def blimp_scores(model: PicoDecoder, pairs: list[dict], encode, eos_id: int, batch_tokens: int = 4096,
-                 device=None) -> list[dict]:
-    """Per-paradigm accuracy rows (uid, phenomenon, field, pairs, correct, accuracy, source).
+                 device=None, first_token: str = "scored") -> list[dict]:
+    """Per-paradigm accuracy rows (uid, phenomenon, field, pairs, correct, accuracy, source,
+    first_token).
 
     `encode` maps a sentence to token ids. Good and bad sentences are scored together in
     length buckets; a pair is correct when log p(good) > log p(bad) (a tie counts as wrong).
+    `first_token`: whether a sentence's first token is scored (module docstring).
     """
     sentences = [encode(p["good"]) for p in pairs] + [encode(p["bad"]) for p in pairs]
-    log_probs = score_sentences(model, sentences, eos_id, batch_tokens, device)
+    log_probs = score_sentences(model, sentences, eos_id, batch_tokens, device, first_token)
     good, bad = log_probs[:len(pairs)], log_probs[len(pairs):]
     rows: dict[str, dict] = {}
     for pair, lp_good, lp_bad in zip(pairs, good, bad):
         row = rows.setdefault(pair["uid"], {"uid": pair["uid"], "phenomenon": pair["phenomenon"],
                                             "field": pair["field"], "pairs": 0, "correct": 0,
-                                            "source": pair.get("source")})
+                                            "source": pair.get("source"), "first_token": first_token})
         row["pairs"] += 1
         row["correct"] += int(lp_good > lp_bad)
     for row in rows.values():

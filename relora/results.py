@@ -25,7 +25,9 @@ duckdb_columns()`). Tables are materialised, so the file is portable:
 - view `final`: every run's last step of each table, one row per run and metric: `train_loss`,
   `train_loss_smoothed` (mean over the last `analysis.final_loss_window` steps);
   `bits_per_byte`, `perplexity` (pooled over domains: byte- and token-weighted),
-  `perplexity_doc_mean` (mean of the domains' document means) and each `/<domain>`; `blimp`
+  `perplexity_doc_mean` (by `evaluation.perplexity.doc_mean`: per_domain, the mean of the
+  domains' document means; pooled, the mean over all documents of all domains) and each
+  `/<domain>`; `blimp`
   (mean of the paradigms), `blimp_balanced` (the frequency-balanced paradigms only; absent
   without baselines) and `blimp/<phenomenon>`; `<metric>/<target>` and
   `<metric>/<target>/<module>` for every dynamics metric except CKA (mean over layers).
@@ -332,8 +334,19 @@ def _load_baselines(con, path) -> None:
 # the `final` view
 
 
-def final_view_sql(loss_window: int, balanced_range: tuple[float, float] = BALANCED_RANGE) -> str:
-    """SQL of the `final` view: every run's last step of each table, one row per run and metric."""
+DOC_MEANS = ("per_domain", "pooled")
+
+
+def final_view_sql(loss_window: int, balanced_range: tuple[float, float] = BALANCED_RANGE,
+                   doc_mean: str = "per_domain") -> str:
+    """SQL of the `final` view: every run's last step of each table, one row per run and metric.
+    `doc_mean`: how `perplexity_doc_mean` averages the domains' document means, each domain once
+    (per_domain) or weighted by its documents, i.e. the mean over all documents (pooled)."""
+    if doc_mean not in DOC_MEANS:
+        raise ResultsError(f"evaluation.perplexity.doc_mean: '{doc_mean}' is not one of {', '.join(DOC_MEANS)}")
+    doc_mean_sql = ("avg(perplexity_doc_mean)" if doc_mean == "per_domain" else
+                    # a domain's mean times its documents is the sum of its documents' perplexities
+                    "sum(docs * perplexity_doc_mean) FILTER (WHERE docs > 0) / sum(docs)")
     return f"""
 CREATE VIEW final AS
 WITH
@@ -366,7 +379,7 @@ rows AS (
   SELECT size, condition, seed, step, 'perplexity', exp(sum(nll) / sum(tokens)), sum(tokens),
          'lower', 'perplexity' FROM pp GROUP BY size, condition, seed, step
   UNION ALL
-  SELECT size, condition, seed, step, 'perplexity_doc_mean', avg(perplexity_doc_mean), sum(tokens),
+  SELECT size, condition, seed, step, 'perplexity_doc_mean', {doc_mean_sql}, sum(tokens),
          'lower', 'perplexity' FROM pp GROUP BY size, condition, seed, step
   UNION ALL
   SELECT size, condition, seed, step, 'bits_per_byte/' || domain, bits_per_byte, tokens, 'lower',
@@ -419,6 +432,8 @@ def study_settings(study: dict | None) -> dict:
         "blimp_reference": blimp_reference(blimp) if isinstance(blimp, dict) else None,
         "blimp_balanced_range": _balanced_range(blimp.get("balanced_range") if isinstance(blimp, dict)
                                                 else None),
+        "perplexity_doc_mean": ((study.get("evaluation") or {}).get("perplexity") or {}).get("doc_mean",
+                                                                                             "per_domain"),
     }
 
 
@@ -474,7 +489,8 @@ def aggregate(source, study: dict | str | Path | None, out_db, blimp_reference=N
             _load_reference(con, settings["blimp_reference"])
             _load_baselines(con, blimp_baselines)
             settings["blimp_baselines"] = str(blimp_baselines) if blimp_baselines else None
-            con.execute(final_view_sql(settings["final_loss_window"], settings["blimp_balanced_range"]))
+            con.execute(final_view_sql(settings["final_loss_window"], settings["blimp_balanced_range"],
+                                       settings["perplexity_doc_mean"]))
             statistics.add_statistics(con, settings["reference_condition"], settings["confidence"],
                                       settings["blimp_balanced_range"])
             _write_study_row(con, study, settings, len(run_dirs))
@@ -531,7 +547,7 @@ def _write_study_row(con, study: dict | None, settings: dict, n_runs: int) -> No
         settings["final_loss_window"], json.dumps(study) if study else None,
         settings["blimp_reference"], datetime.now(timezone.utc), n_runs, relora_version,
         duckdb.__version__, scipy.__version__, settings.get("blimp_baselines"),
-        *settings["blimp_balanced_range"]])
+        *settings["blimp_balanced_range"], settings["perplexity_doc_mean"]])
 
 
 def _columns(con, table: str) -> list[str]:

@@ -114,8 +114,15 @@ PERPLEXITY = _table(
     ("nll", "DOUBLE", "sum of the negative log-likelihoods of the predicted tokens, nats"),
     ("perplexity", "DOUBLE", "token-weighted perplexity: exp(nll / tokens)"),
     ("bits_per_byte", "DOUBLE", "bits per byte: nll / (ln 2 * bytes); compares models with different tokenizers"),
-    ("perplexity_doc_mean", "DOUBLE", "mean over documents of per-document perplexity (the paper's convention)"),
+    ("perplexity_doc_mean", "DOUBLE", "mean over this domain's documents of per-document perplexity "
+                                      "(the paper's convention); averaged over domains in view final as "
+                                      "evaluation.perplexity.doc_mean says (study.perplexity_doc_mean)"),
     Column("seconds", "DOUBLE", "wall time spent scoring this domain at this step", required=False),
+    # optional so that run files written before the option existed (all `sliding`) still aggregate
+    Column("long_documents", "VARCHAR", "how documents longer than the context were scored: sliding "
+                                        "(every token, sliding windows) or truncate (the first seq_len "
+                                        "tokens only; tokens, bytes and nll count those); NULL: a file "
+                                        "written before the option, sliding", required=False),
     order="step, domain")
 
 BLIMP = _table(
@@ -128,6 +135,11 @@ BLIMP = _table(
     ("correct", "BIGINT", "pairs whose grammatical sentence got the higher log-probability (a tie is wrong)"),
     ("accuracy", "DOUBLE", "correct / pairs"),
     ("source", "VARCHAR", "where the pairs came from: generated, blimp (the published pairs), ..."),
+    # optional so that run files written before the option existed (all `scored`) still aggregate
+    Column("first_token", "VARCHAR", "scored: a sentence's first token counted, predicted from EOS; "
+                                     "unscored: the first token context only, its own probability not counted "
+                                     "(the paper's convention); NULL: a file "
+                                     "written before the option, scored", required=False),
     order="step, uid")
 
 DYNAMICS = _table(
@@ -200,7 +212,10 @@ STUDY = _table(
     ("scipy_version", "VARCHAR", "version of SciPy that computed the statistics"),
     ("blimp_baselines", "VARCHAR", "the baseline file read into blimp_baselines (NULL: none)"),
     ("blimp_balanced_low", "DOUBLE", "lower end of the frequency-balanced range"),
-    ("blimp_balanced_high", "DOUBLE", "upper end of the frequency-balanced range"))
+    ("blimp_balanced_high", "DOUBLE", "upper end of the frequency-balanced range"),
+    ("perplexity_doc_mean", "VARCHAR", "how view final's perplexity_doc_mean averages over domains "
+                                       "(evaluation.perplexity.doc_mean): per_domain = mean of the domains' "
+                                       "document means; pooled = mean over all documents of all domains"))
 
 _FAMILY = ("family", "VARCHAR", "train, perplexity, blimp or dynamics: the table the metric comes from")
 _BETTER = ("better", "VARCHAR", "lower or higher: which direction is an improvement (NULL: no direction)")
@@ -209,7 +224,9 @@ _METRIC = ("metric", "VARCHAR", "metric name as in view final")
 FINAL = _table(
     "final", "every run's last measured step, one row per run and metric: train_loss, "
     "train_loss_smoothed, bits_per_byte, perplexity, perplexity_doc_mean (and /<domain>), blimp, "
-    "blimp_balanced, blimp/<phenomenon>, <dynamics metric>/<target>[/<module>]",
+    "blimp_balanced, blimp/<phenomenon>, <dynamics metric>/<target>[/<module>]; perplexity_doc_mean "
+    "over all domains is the mean of the domains' means or, pooled, the mean over all documents "
+    "(study.perplexity_doc_mean)",
     *RUN_KEYS, STEP,
     ("metric", "VARCHAR", "metric name; /<domain>, /<phenomenon>, /<target>/<module> narrow it"),
     ("value", "DOUBLE", "the metric at that step (dynamics: mean over layers)"),

@@ -99,7 +99,7 @@ def test_unexpected_errors_keep_their_traceback(monkeypatch, tmp_path):
     """A bug is not an input error: it propagates (Python prints the traceback, exit code 1)."""
     import relora.describe
 
-    def broken(study):
+    def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(relora.describe, "describe_study", broken)

@@ -260,3 +260,85 @@ def test_cka_settings_from_a_boolean_or_a_mapping():
 def test_bad_cka_settings_name_the_key(bad):
     with pytest.raises(ConfigError, match=r"analysis\.cka"):
         load_study(study(analysis={"cka": bad}))
+
+
+def test_evaluation_schedule_steps_follow_the_formula():
+    from relora.config import cadence_steps
+
+    # every e_i on (u_{i-1}, u_i], multiples of e_i; 0 and the last always
+    assert sorted(cadence_steps([[2000, 50], [20100, 100]], 20000)) == \
+        [0, *range(50, 2001, 50), *range(2100, 20001, 100)]
+    assert sorted(cadence_steps([[2000, 50], [20100, 100]], 20100)) == \
+        [0, *range(50, 2001, 50), *range(2100, 20101, 100)]
+    # a segment's first step is the first multiple of its period after the previous until_step
+    assert sorted(cadence_steps([[7, 3], [20, 5]], 30)) == [0, 3, 6, 10, 15, 20, 30]
+    assert sorted(cadence_steps(4, 10)) == [0, 4, 8, 10] and sorted(cadence_steps(None, 10)) == [0, 10]
+
+
+def test_a_condition_evaluates_at_its_own_cadence_and_checkpoints_every_evaluated_step():
+    s = load_study(study(conditions__relora__evaluation={"every": [[10, 2], [25, 5]]}))
+    full, relora = resolve_run(s, "tiny", "full", 0), resolve_run(s, "tiny", "relora", 0)
+    assert full["steps"]["evaluation"] == [0, 15, 30]  # the study's every: 15
+    assert relora["steps"]["evaluation"] == [0, 2, 4, 6, 8, 10, 15, 20, 25, 30]
+    assert set(relora["steps"]["evaluation"]) <= set(relora["steps"]["checkpoint"])
+    assert relora["steps"]["checkpoint"] == [0, 2, 4, 6, 8, 10, 15, 20, 25, 30]
+    assert "evaluation" not in relora["method"]  # the cadence is no method setting
+    # the cadence is not part of the trajectory: the run resumes under a new one
+    assert run_config_hash(relora) == run_config_hash(resolve_run(load_study(study()), "tiny", "relora", 0))
+    with pytest.raises(ConfigError, match=r"conditions.relora.evaluation.every: the until_steps \[10, 10\]"):
+        load_study(study(conditions__relora__evaluation={"every": [[10, 2], [10, 5]]}))
+    with pytest.raises(ConfigError, match="conditions.relora.evaluation"):
+        load_study(study(conditions__relora__evaluation={"every": [[10]]}))
+
+
+def test_paper_study_evaluates_at_the_papers_cadence(repo):
+    s = load_study(repo / "workflow" / "studies" / "paper.yaml")
+    last = s["training"]["steps"]
+    full = resolve_run(s, "tiny", "full", 0)["steps"]
+    assert full["evaluation"] == sorted({0, *range(1000, last + 1, 1000), last})
+    for condition in ("relora", "relora-paper"):
+        steps = resolve_run(s, "tiny", condition, 0)["steps"]
+        assert steps["evaluation"] == sorted({0, *range(50, 2001, 50), *range(2100, last + 1, 100), last})
+        assert set(steps["evaluation"]) <= set(steps["checkpoint"])
+    assert s["evaluation"]["perplexity"]["long_documents"] == "truncate"
+    assert s["evaluation"]["perplexity"]["doc_mean"] == "pooled"
+    assert s["evaluation"]["blimp"]["first_token"] == "unscored"
+
+
+def test_evaluation_conventions_default_to_this_projects():
+    s = load_study(study())
+    assert s["evaluation"]["perplexity"]["long_documents"] == "sliding"
+    assert s["evaluation"]["perplexity"]["doc_mean"] == "per_domain"
+    assert s["evaluation"]["blimp"]["first_token"] == "scored"
+
+
+def test_a_condition_can_run_at_some_sizes_and_seeds_only():
+    two_sizes = {"tiny": BASE["sizes"]["tiny"], "wide": {"d_model": 48, "n_layers": 2, "n_heads": 6, "n_kv_heads": 2}}
+    whole = load_study(study(sizes=two_sizes, seeds=[0, 1, 2]))
+    narrowed_config = study(sizes=two_sizes, seeds=[0, 1, 2])
+    narrowed_config["conditions"]["relora"].update(sizes=["tiny"], seeds=[0, 2])
+    narrowed = load_study(narrowed_config)
+    assert len(runs(whole)) == 2 * 2 * 3
+    # full at both sizes and three seeds; relora only at tiny with seeds 0 and 2
+    assert runs(narrowed) == [("tiny", "full", 0), ("tiny", "full", 1), ("tiny", "full", 2),
+                              ("tiny", "relora", 0), ("tiny", "relora", 2),
+                              ("wide", "full", 0), ("wide", "full", 1), ("wide", "full", 2)]
+    # selecting runs changes none of them: same resolved run, same trajectory hash
+    for size, condition, seed in runs(narrowed):
+        assert resolve_run(narrowed, size, condition, seed) == resolve_run(whole, size, condition, seed)
+    with pytest.raises(ConfigError, match="'relora' does not run at size 'wide'"):
+        resolve_run(narrowed, "wide", "relora", 0)
+    with pytest.raises(ConfigError, match="'relora' does not run with seed 1"):
+        resolve_run(narrowed, "tiny", "relora", 1)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("sizes", ["tiny", "huge"], r"conditions.relora.sizes: huge not in the study's sizes \(tiny\)"),
+    ("seeds", [0, 7], r"conditions.relora.seeds: 7 not in the study's seeds \(0, 1\)"),
+    ("sizes", [], "conditions.relora.sizes"),
+])
+def test_condition_sizes_and_seeds_must_be_the_studys(field, value, message):
+    config = study()
+    config["conditions"]["relora"][field] = value
+    with pytest.raises(ConfigError, match=message):
+        load_study(config)

@@ -158,3 +158,43 @@ def test_olmo_tokenizer_from_the_real_wheel(built, tmp_path):
     lengths = token_byte_lengths(tok)
     text = "Grüße — naïve café, 3 × 4 = 12.\n\tindented  spaces"
     assert lengths[tok.encode(text).ids].sum() == len(text.encode())
+
+
+def test_eval_from_a_text_column_is_retokenized_and_its_columns_are_checked(built, tmp_path, monkeypatch):
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from relora.data import hub
+    from relora.data.corpus import CorpusError
+
+    data, root = built
+    tok = load_tokenizer(root / "tokenizer.json")
+    texts = ["the dog sat by the river", "a small green book", "old stone house in the town"]
+    pq.write_table(pa.table({"text": texts, "source": ["c4", "wiki", "wiki"], "input_ids": [[1], [2], [3]]}),
+                   tmp_path / "paloma.parquet")
+    spec = {"path": str(tmp_path / "paloma.parquet"), "text_field": "text", "domain_field": "source"}
+    hf = dict(data, eval={**data["eval"], "source": "hf", "min_docs_per_domain": 1, "hf": [spec]})
+    build_shards(hf, root / "corpus", root / "tokenizer.json", tmp_path / "out", **quiet)
+    wiki = read_eval(tmp_path / "out" / "eval" / "wiki.parquet")
+    # the text re-tokenized with the study's tokenizer, not the file's input_ids
+    assert [t.tolist() for t in wiki["tokens"]] == [tok.encode(t).ids for t in texts[1:]]
+
+    # a local file without the column: the error names the expected and the found columns
+    pq.write_table(pa.table({"content": texts, "source": ["c4"] * 3}), tmp_path / "other.parquet")
+    bad = dict(hf, eval={**hf["eval"], "hf": [{**spec, "path": str(tmp_path / "other.parquet")}]})
+    with pytest.raises(CorpusError, match=r"no column 'text' \(columns: content, source\)"):
+        build_shards(bad, root / "corpus", root / "tokenizer.json", tmp_path / "out2", **quiet)
+
+    # a hub dataset (faked: the hub is not reached) is checked on its first row
+    class FakeDatasets:
+        @staticmethod
+        def load_dataset(path, name, split, streaming, revision):
+            return iter([{"input_ids": [1, 2], "source": "c4"}])
+
+    monkeypatch.setitem(sys.modules, "datasets", FakeDatasets)
+    monkeypatch.setattr(hub, "resolve_revision", lambda repo, revision: "0" * 40)
+    remote = dict(hf, eval={**hf["eval"], "hf": [{**spec, "path": "pico-lm/pretokenized-paloma-tinsy"}]})
+    with pytest.raises(CorpusError, match=r"expected column\(s\) 'text', 'source', found columns: input_ids, source"):
+        build_shards(remote, root / "corpus", root / "tokenizer.json", tmp_path / "out3", **quiet)

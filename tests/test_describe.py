@@ -72,3 +72,54 @@ def test_describe_prints_both_values(tmp_path, capsys):
     assert header[-3:] == ["lr_after_merge", "paper_lr_after_merge", "lr_after_merge_over_paper"]
     relora = next(line.split() for line in out.splitlines() if " relora " in line)
     assert float(relora[-2]) == pytest.approx(paper_lr_after_merge(), rel=1e-3)
+
+
+def test_checkpoints_disk_use_and_evaluation_cost_follow_from_the_steps():
+    from relora.model_config import model_flops_per_token
+
+    s = load_study({**study(), "evaluation": {"every": 50},
+                    "conditions": {**study()["conditions"],
+                                   "relora": {**study()["conditions"]["relora"],
+                                              "evaluation": {"every": [[40, 10], [200, 40]]}}}})
+    rows = {r["condition"]: r for r in describe_study(s, eval_tokens=1000)}
+    full_run, relora_run = resolve_run(s, "tiny", "full", 0), resolve_run(s, "tiny", "relora", 0)
+    assert relora_run["steps"]["evaluation"] == [0, 10, 20, 30, 40, 80, 120, 160, 200]
+    assert rows["relora"]["n_evaluations"] == 9 and rows["full"]["n_evaluations"] == 5  # 0, 50, ..., 200
+    for name, run in (("full", full_run), ("relora", relora_run)):
+        row = rows[name]
+        assert row["n_checkpoints"] == len(run["steps"]["checkpoint"])
+        # fp32 state: every parameter, the adapters' A (rank x in) and B (out x rank) included
+        assert row["checkpoint_bytes"] == 4 * row["params_total"]
+        assert row["checkpoints_disk_bytes"] == row["n_checkpoints"] * row["checkpoint_bytes"]
+        # a forward pass is a third of the training FLOPs per token (2 vs 6 per weight, attention alike)
+        forward = model_flops_per_token(describe_config(run), run["data"]["seq_len"]) / 3
+        assert row["eval_flops"] == pytest.approx(row["n_evaluations"] * 1000 * forward)
+    m = full_run["model"]
+    adapters = m["n_layers"] * 4 * sum(o + i for o, i in describe_config(full_run).linear_shapes.values())
+    assert rows["relora"]["checkpoint_bytes"] - rows["full"]["checkpoint_bytes"] == 4 * adapters
+    assert describe_study(s)[0]["eval_flops"] is None  # no token count, no estimate
+
+
+def describe_config(run):
+    from relora.model_config import ModelConfig
+
+    return ModelConfig(**run["model"])
+
+
+def test_describe_prints_checkpoints_and_evaluation_cost(tmp_path, capsys):
+    import yaml
+
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({**study(), "evaluation": {"every": 50}}))
+    assert main(["describe", "--config", str(path), "--eval-tokens", "1000"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line.split() for line in lines if "n_checkpoints" in line)
+    assert header == ["size", "condition", "n_checkpoints", "checkpoint_bytes", "checkpoints_disk_bytes",
+                      "n_evaluations", "eval_flops"]
+    s = load_study(yaml.safe_load(path.read_text()))
+    row = describe_study(s, 1000)[1]
+    relora = [line.split() for line in lines[lines.index(next(x for x in lines if "n_checkpoints" in x)):]
+              if " relora " in line][0]
+    assert relora[2:6] == [f"{row['n_checkpoints']:,}", f"{row['checkpoint_bytes']:,}",
+                           f"{row['checkpoints_disk_bytes']:,}", f"{row['n_evaluations']:,}"]
+    assert float(relora[6]) == pytest.approx(row["eval_flops"], rel=1e-3)

@@ -115,6 +115,85 @@ def test_batched_document_scoring_equals_one_window_at_a_time():
     assert score.nll == pytest.approx(naive, rel=1e-5)
 
 
+def bigram_model(config, seed=0):
+    """A decoder whose blocks add nothing (attention and FFN outputs zeroed): the residual stream
+    is the current token's embedding, so the next-token log-probabilities depend on the current
+    token alone, table[a, b] = log p(b | a), whatever the context."""
+    model = make_model(config, seed)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attention.o_proj.weight.zero_()
+            layer.swiglu.w_2.weight.zero_()
+        emb = model.embedding_proj.weight  # (V, C)
+        table = model.de_embedding_proj(model.output_norm(emb)).double().log_softmax(-1)  # (V, V)
+    return model, table.numpy()
+
+
+def test_truncate_scores_the_first_context_tokens_and_sliding_all_of_them():
+    config = tiny_config()  # context 16
+    model, table = bigram_model(config, seed=7)
+    rng = np.random.default_rng(2)
+    docs = [rng.integers(0, 128, n).tolist() for n in (5, 16, 40)]
+    n_bytes = [4 * (len(d) - 1) for d in docs]
+    token_bytes = np.full(128, 4)  # every token 4 bytes: the cut document's bytes are 4 x its predicted tokens
+
+    def nll(doc):  # closed form: the sum of -log p(x_p | x_{p-1})
+        return -sum(table[a, b] for a, b in zip(doc, doc[1:]))
+
+    sliding = score_documents(model, docs, n_bytes, stride=5)
+    truncated = score_documents(model, docs, n_bytes, stride=5, long_documents="truncate", token_bytes=token_bytes)
+    assert sliding.tokens == 4 + 15 + 39 and truncated.tokens == 4 + 15 + 15
+    assert sliding.nll == pytest.approx(sum(nll(d) for d in docs), rel=1e-5)
+    assert truncated.nll == pytest.approx(sum(nll(d[:16]) for d in docs), rel=1e-5)
+    assert truncated.bytes == 4 * (4 + 15 + 15) and sliding.bytes == sum(n_bytes)
+    per_doc = [math.exp(nll(d[:16]) / (len(d[:16]) - 1)) for d in docs]
+    assert truncated.perplexity_doc_mean == pytest.approx(np.mean(per_doc), rel=1e-5)
+    assert truncated.perplexity == pytest.approx(math.exp(truncated.nll / truncated.tokens))
+    # documents that fit the context score the same either way
+    short = docs[:2]
+    assert score_documents(model, short, long_documents="truncate").nll == \
+        pytest.approx(score_documents(model, short).nll, rel=1e-6)
+    with pytest.raises(ValueError, match="bytes per token"):
+        score_documents(model, docs, n_bytes, long_documents="truncate")
+    with pytest.raises(ValueError, match="long_documents 'cut'"):
+        score_documents(model, docs, long_documents="cut")
+
+
+def test_unscored_first_token_leaves_its_own_probability_out():
+    config = tiny_config()
+    model, table = bigram_model(config, seed=8)
+    eos = 0
+    good, bad = [5, 9, 11, 3], [6, 9, 11, 3]  # differ only in the first token
+    scored = score_sentences(model, [good, bad], eos)
+    unscored = score_sentences(model, [good, bad], eos, first_token="unscored")
+
+    def log_prob(sentence, first_token):  # closed form under the bigram model
+        seq = [eos, *sentence] if first_token == "scored" else sentence
+        return sum(table[a, b] for a, b in zip(seq, seq[1:]))
+
+    for sentence, s, u in zip((good, bad), scored, unscored):
+        assert s == pytest.approx(log_prob(sentence, "scored"), rel=1e-5)
+        assert u == pytest.approx(log_prob(sentence, "unscored"), rel=1e-5)
+        assert u == pytest.approx(score_sentence_naive(model, sentence, eos, "unscored"), rel=1e-5)
+    # scored, the two first tokens' own log-probabilities differ; unscored, they are left out
+    assert scored[0] - unscored[0] == pytest.approx(table[eos, 5], rel=1e-5)
+    assert scored[1] - unscored[1] == pytest.approx(table[eos, 6], rel=1e-5)
+    pairs = [{"uid": "only_first", "phenomenon": "p", "field": "f", "good": "g", "bad": "b"}]
+    encode = {"g": [5, 9], "b": [6, 9]}.get
+    both = {}
+    for first_token in ("scored", "unscored"):
+        [row] = blimp_scores(model, pairs, encode, eos, first_token=first_token)
+        assert row["first_token"] == first_token
+        both[first_token] = row["correct"]
+    # scored: whichever of log p(5|eos) + log p(9|5) and log p(6|eos) + log p(9|6) is higher;
+    # unscored: log p(9|5) vs log p(9|6)
+    assert both["scored"] == int(table[eos, 5] + table[5, 9] > table[eos, 6] + table[6, 9])
+    assert both["unscored"] == int(table[5, 9] > table[6, 9])
+    one_token = [{"uid": "u", "phenomenon": "p", "field": "f", "good": "g", "bad": "b"}]
+    [row] = blimp_scores(model, one_token, {"g": [5], "b": [6]}.get, eos, first_token="unscored")
+    assert row["correct"] == 0  # one-token sentences: nothing scored, a tie, wrong
+
+
 def test_padding_never_changes_a_score():
     config = tiny_config()
     model = make_model(config, seed=4)

@@ -302,3 +302,45 @@ def test_dynamics_with_the_papers_conventions(tmp_path, analysis_data_dir):
         eval_rows(analysis_data_dir, 32, 100)
     # the gradient target still needs the probe batch, and says so
     assert main(["dynamics", *args, "--set", "analysis.targets=[gradient]"]) == 3
+
+
+@pytest.fixture
+def own_data_dir(tmp_path):
+    """A data directory whose BLiMP pairs are written here (no published BLiMP needed)."""
+    data = tmp_path / "data"
+    (data / "eval").mkdir(parents=True)
+    (data / "blimp").mkdir()
+    pairs = [("the dog runs", "a dog runs"), ("the cat sleeps", "the cats sleeps")]
+    (data / "blimp" / "own_pairs.jsonl").write_text("".join(
+        json.dumps({"sentence_good": g, "sentence_bad": b, "field": "syntax", "linguistics_term": "own",
+                    "UID": "own_pairs", "pairID": str(i)}) + "\n" for i, (g, b) in enumerate(pairs)))
+    tokenizer = train_tokenizer([s for pair in pairs for s in pair] * 20)
+    tokenizer.save(str(data / "tokenizer.json"))
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, tokenizer.get_vocab_size(), n).tolist() for n in (5, 50)]  # 50 > context 32
+    pq.write_table(pa.table({"doc_id": ["d0", "d1"], "tokens": pa.array(docs, pa.list_(pa.int32())),
+                             "n_bytes": [3 * (n - 1) for n in (5, 50)]}), data / "eval" / "wiki.parquet")
+    return data
+
+
+def test_evaluate_records_the_conventions_it_used(tmp_path, own_data_dir):
+    from tokenizers import Tokenizer
+
+    from relora.data.tokenizer import token_byte_lengths
+
+    config_path, run_dir, _ = make_run(tmp_path, "full")
+    base = ["--config", str(config_path), "--data", str(own_data_dir), "--run", str(run_dir),
+            "--threads", "1", "--steps", "4"]
+    assert main(["evaluate", *base]) == 0
+    [sliding] = pq.read_table(run_dir / "perplexity.parquet").to_pylist()
+    assert sliding["long_documents"] == "sliding" and sliding["tokens"] == 4 + 49
+    assert {r["first_token"] for r in pq.read_table(run_dir / "blimp.parquet").to_pylist()} == {"scored"}
+    assert main(["evaluate", *base, "--set", "evaluation.perplexity.long_documents=truncate",
+                 "--set", "evaluation.blimp.first_token=unscored"]) == 0
+    [truncated] = pq.read_table(run_dir / "perplexity.parquet").to_pylist()
+    assert truncated["long_documents"] == "truncate" and truncated["tokens"] == 4 + 31
+    docs = pq.read_table(own_data_dir / "eval" / "wiki.parquet").column("tokens").to_pylist()
+    lengths = token_byte_lengths(Tokenizer.from_file(str(own_data_dir / "tokenizer.json")))
+    assert truncated["bytes"] == 3 * 4 + int(lengths[docs[1][1:32]].sum())  # the cut document recounted
+    assert truncated["nll"] < sliding["nll"]
+    assert {r["first_token"] for r in pq.read_table(run_dir / "blimp.parquet").to_pylist()} == {"unscored"}

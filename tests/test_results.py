@@ -429,3 +429,25 @@ def test_relora_sql_queries_the_database_read_only(db, study_dir, capsys):
     assert main(["sql", str(path), "DROP VIEW gap"]) == 3
     assert "read-only" in capsys.readouterr().err
     assert rows(db, "SELECT count(*) AS n FROM gap")[0]["n"] > 0
+
+
+@pytest.mark.parametrize("doc_mean", ["per_domain", "pooled"])
+def test_perplexity_doc_mean_over_domains_per_domain_or_pooled(tmp_path, doc_mean):
+    from relora.tables import PERPLEXITY, write_table
+
+    study = syn.write_synthetic_study(tmp_path, sizes=("tiny",), conditions=("full",), seeds=(0,))
+    study.setdefault("evaluation", {})["perplexity"] = {"doc_mean": doc_mean}
+    run_dir = tmp_path / "runs" / "size=tiny" / "condition=full" / "seed=0"
+    keys = {"size": "tiny", "condition": "full", "seed": 0, "step": syn.STEPS, "nll": 1.0, "bytes": 10,
+            "perplexity": 2.0, "bits_per_byte": 0.1, "long_documents": "truncate"}
+    # one document of perplexity 10 in wiki, three averaging 30 in code
+    write_table(PERPLEXITY, [{**keys, "domain": "wiki", "docs": 1, "tokens": 5, "perplexity_doc_mean": 10.0},
+                             {**keys, "domain": "code", "docs": 3, "tokens": 15, "perplexity_doc_mean": 30.0}],
+                run_dir / "perplexity.parquet")
+    con = duckdb.connect(str(aggregate(tmp_path, study, tmp_path / "s.duckdb")), read_only=True)
+    final = {r["metric"]: r["value"] for r in rows(con, "SELECT * FROM final WHERE family = 'perplexity'")}
+    # per_domain: (10 + 30) / 2; pooled: (1 x 10 + 3 x 30) / 4, the mean over the four documents
+    assert final["perplexity_doc_mean"] == pytest.approx(20.0 if doc_mean == "per_domain" else 25.0)
+    assert final["perplexity_doc_mean/wiki"] == 10.0 and final["perplexity_doc_mean/code"] == 30.0
+    assert rows(con, "SELECT perplexity_doc_mean FROM study")[0]["perplexity_doc_mean"] == doc_mean
+    assert {r["long_documents"] for r in rows(con, "SELECT long_documents FROM perplexity")} == {"truncate"}

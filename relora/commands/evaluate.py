@@ -162,11 +162,18 @@ def run_evaluate(args) -> int:
         raise ValueError(f"{args.config}: evaluation.perplexity.stride {stride} must be below the context {context}")
     batch_tokens = evaluation.get("batch_tokens", 4096)
     max_docs = (evaluation.get("perplexity") or {}).get("max_docs")
+    long_documents = (evaluation.get("perplexity") or {}).get("long_documents", "sliding")
+    first_token = (evaluation.get("blimp") or {}).get("first_token", "scored")
     loaders = {step: snapshot_loader(args, run, step) for step in steps}  # every step exists before work starts
     verify_inputs(args.data, ["eval/", "blimp/", "tokenizer.json"])  # against the data manifest
     domains = read_eval_domains(args.data / "eval", max_docs)
     pairs = read_blimp(args.data / "blimp")
     encode, eos_id = load_tokenizer(args.data)
+    token_bytes = None
+    if long_documents == "truncate":  # the bytes of a cut document are recounted from its tokens
+        from ..data.tokenizer import load_tokenizer as load_hf_tokenizer, token_byte_lengths
+
+        token_bytes = token_byte_lengths(load_hf_tokenizer(args.data / "tokenizer.json"))
     vocab = run["model"]["vocab_size"]
     source = str((evaluation.get("blimp") or {}).get("source", "local"))
     keys = {"size": run["size"], "condition": run["condition"], "seed": run["seed"]}
@@ -179,13 +186,14 @@ def run_evaluate(args) -> int:
                 raise ValueError(f"{args.data / 'eval' / (domain + '.parquet')}: token ids exceed the "
                                  f"model's vocabulary of {vocab}")
             t0 = time.perf_counter()
-            score = score_documents(model, docs, n_bytes, stride, batch_tokens, device)
+            score = score_documents(model, docs, n_bytes, stride, batch_tokens, device,
+                                    long_documents, token_bytes)
             ppl_rows.append({**keys, "step": step, "domain": domain, "docs": score.docs, "tokens": score.tokens,
                              "bytes": score.bytes, "nll": score.nll, "perplexity": score.perplexity,
                              "bits_per_byte": score.bits_per_byte,
                              "perplexity_doc_mean": score.perplexity_doc_mean,
-                             "seconds": time.perf_counter() - t0})
-        for row in blimp_scores(model, pairs, encode, eos_id, batch_tokens, device):
+                             "seconds": time.perf_counter() - t0, "long_documents": long_documents})
+        for row in blimp_scores(model, pairs, encode, eos_id, batch_tokens, device, first_token):
             blimp_rows.append({**keys, "step": step, **row, "source": row["source"] or source})
         tick(step)
     out = args.out_dir or args.run

@@ -35,9 +35,13 @@ def register(subparsers) -> None:
                     "parameters, FLOPs and optimizer state of every run of a study",
                     "Print, per size and condition of a study, the parameter counts, training FLOPs per "
                     "token (and relative to full-rank), optimizer state, tokens, merges and the learning "
-                    "rate right after the first merge. Nothing is trained.")
+                    "rate right after the first merge; then each run's checkpoints (count and disk use) "
+                    "and evaluations (count and FLOPs). Nothing is trained.")
     add_study_options(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--eval-tokens", type=int, default=None, metavar="N",
+                   help="tokens scored per evaluation (held-out documents + BLiMP sentences, e.g. from "
+                        "the data manifest) for the evaluation FLOPs; without it they are not estimated")
 
     p = add_command(subparsers, "export-hf", run_export,
                     "export a checkpoint as a Hugging Face LlamaForCausalLM folder",
@@ -68,22 +72,31 @@ def run_describe(args) -> int:
     from ..config import load_study
     from ..describe import describe_study
 
-    rows = describe_study(load_study(args.config, args.overrides))
+    rows = describe_study(load_study(args.config, args.overrides), args.eval_tokens)
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
         print()
         return 0
-    columns = ["size", "condition", "params_total", "params_trainable", "flops_per_token",
-               "flop_ratio_to_full", "optimizer_state_bytes", "tokens", "total_flops", "n_merges",
-               "lr_after_merge", "paper_lr_after_merge", "lr_after_merge_over_paper"]
+    _print_table(rows, ["size", "condition", "params_total", "params_trainable", "flops_per_token",
+                        "flop_ratio_to_full", "optimizer_state_bytes", "tokens", "total_flops", "n_merges",
+                        "lr_after_merge", "paper_lr_after_merge", "lr_after_merge_over_paper"])
+    if any(r["lr_after_merge"] is not None for r in rows):
+        print("lr_after_merge: lr * f(k) of the first update after the first merge (after update k); "
+              "paper_lr_after_merge: the paper's 3e-4 * f(2001)")
+    print()
+    _print_table(rows, ["size", "condition", "n_checkpoints", "checkpoint_bytes", "checkpoints_disk_bytes",
+                        "n_evaluations", "eval_flops"])
+    print("checkpoints_disk_bytes: n_checkpoints x checkpoint_bytes (state dict with adapters, stored dtype); "
+          "eval_flops: n_evaluations x --eval-tokens x forward FLOPs per token"
+          + ("" if args.eval_tokens is not None else " (give --eval-tokens)"))
+    return 0
+
+
+def _print_table(rows: list[dict], columns: list[str]) -> None:
     widths = [max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in columns]
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     for r in rows:
         print("  ".join(_fmt(r[c]).rjust(w) for c, w in zip(columns, widths)))
-    if any(r["lr_after_merge"] is not None for r in rows):
-        print("lr_after_merge: lr * f(k) of the first update after the first merge (after update k); "
-              "paper_lr_after_merge: the paper's 3e-4 * f(2001)")
-    return 0
 
 
 def _fmt(value) -> str:

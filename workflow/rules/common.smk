@@ -114,6 +114,9 @@ def run_study(size, condition, seed):
     study = {k: copy.deepcopy(v) for k, v in STUDY.items() if k not in ("workflow", "report")}
     study["sizes"] = {size: study["sizes"][size]}
     study["seeds"] = [seed]
+    for spec in study["conditions"].values():  # which runs a condition has: none of this run's settings
+        spec.pop("sizes", None)
+        spec.pop("seeds", None)
     alone = {condition: study["conditions"][condition]}
     if resolve_run({**study, "conditions": alone}, size, condition, seed) == \
             resolve_run(STUDY, size, condition, seed):
