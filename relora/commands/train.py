@@ -85,7 +85,7 @@ def run_describe(args) -> int:
               "paper_lr_after_merge: the paper's 3e-4 * f(2001)")
     print()
     _print_table(rows, ["size", "condition", "n_checkpoints", "checkpoint_bytes", "checkpoints_disk_bytes",
-                        "n_evaluations", "eval_flops"])
+                        "n_evaluations", "n_analyses", "eval_flops"])
     print("checkpoints_disk_bytes: n_checkpoints x checkpoint_bytes (state dict with adapters, stored dtype); "
           "eval_flops: n_evaluations x --eval-tokens x forward FLOPs per token"
           + ("" if args.eval_tokens is not None else " (give --eval-tokens)"))
