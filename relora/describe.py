@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 
 from .checkpoint import build_model
-from .config import resolve_run
+from .config import micro_batch_and_accumulation, resolve_run, training_devices
+from .memory import GIB, training_memory
 from .model import count_parameters
-from .model_config import model_flops_per_token, relora_flops_per_token
+from .model_config import ModelConfig, model_flops_per_token, relora_flops_per_token
 from .optim import lr_factor
 
 # The paper's ReLoRA recipe (arXiv 2509.12960, as in workflow/studies/paper.yaml): peak LR 3e-4,
@@ -30,7 +31,7 @@ def paper_lr_after_merge() -> float:
     return lr_after_merge(PAPER_RELORA["lr"], PAPER_RELORA["schedule"], PAPER_RELORA["first_merge"])
 
 
-def describe_run(run: dict) -> dict:
+def describe_run(run: dict, devices: int = 1) -> dict:
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         model = build_model(run["model"], run["method"])
     total, trainable = count_parameters(model)
@@ -57,10 +58,23 @@ def describe_run(run: dict) -> dict:
         "lr_after_merge": after_merge,
         "paper_lr_after_merge": paper_lr_after_merge() if merges else None,
         "lr_after_merge_over_paper": after_merge / paper_lr_after_merge() if merges else None,
+        **describe_memory(run, devices),
     }
 
 
+def describe_memory(run: dict, devices: int) -> dict:
+    """Sequences per pass on each device, passes per update, and the estimated peak GPU memory
+    of a pass (relora/memory.py) in GiB."""
+    training = run["training"]
+    micro, accum = micro_batch_and_accumulation(training, devices)
+    memory = training_memory(ModelConfig(**run["model"]), micro, run["method"], training["precision"],
+                             training["activation_checkpointing"])
+    return {"devices": devices, "micro_batch_size": micro, "grad_accum": accum,
+            "activation_checkpointing": training["activation_checkpointing"],
+            "gpu_memory_gib": memory["peak"] / GIB}
+
+
 def describe_study(study: dict) -> list[dict]:
-    seed = study["seeds"][0]
-    return [describe_run(resolve_run(study, size, condition, seed))
+    seed, devices = study["seeds"][0], training_devices(study)
+    return [describe_run(resolve_run(study, size, condition, seed), devices)
             for size in study["sizes"] for condition in study["conditions"]]
