@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .model_config import ModelConfig
 
@@ -266,6 +267,9 @@ class PicoDecoder(nn.Module):
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # keep only each block's input for the backward and recompute the block from it there
+        # (training.activation_checkpointing; the trainer sets it): less memory, more compute
+        self.activation_checkpointing = False
 
     def residual_stream(self, idx, every_block: list | None = None):
         """idx (B, T) token ids -> the residual stream after the last block (B, T, C), before the
@@ -275,8 +279,12 @@ class PicoDecoder(nn.Module):
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.config.max_seq_len}")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.embedding_proj(idx)  # (B, T, C)
+        checkpointing = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.layers:
-            x = block(x, cos, sin)
+            if checkpointing:  # the recomputation restores the RNG state, so dropout masks repeat
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
             if every_block is not None:
                 every_block.append(x)
         return x

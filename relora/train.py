@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from . import __version__
 from .checkpoint import build_model, save_checkpoint
-from .config import run_config_hash
+from .config import micro_batch_and_accumulation, run_config_hash
 from .data.batches import training_batches
 from .lora import merge_and_reinit, wrap_with_lora
 from .model import count_parameters
@@ -89,11 +89,8 @@ class Trainer:
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.hash = run_config_hash(run)
         self.seed = run["run_seed"]
-        batch, accum = self.training["batch_size"], self.training["grad_accum"]
-        if batch % (accum * self.world):
-            raise ValueError(f"training.batch_size {batch} is not divisible by grad_accum {accum} x "
-                             f"world size {self.world}")
-        self.micro_batch = batch // (accum * self.world)
+        batch = self.training["batch_size"]
+        self.micro_batch, self.accum = micro_batch_and_accumulation(self.training, self.world)
         self.batches = training_batches(Path(data_dir), run["data"]["seq_len"], batch, self.seed,
                                         run["data"]["vocab_size"])
         self.steps = run["steps"]
@@ -106,6 +103,7 @@ class Trainer:
         # the run seed before (and independently of) any adapter.
         torch.manual_seed(self.seed)
         self.model = build_model(run["model"], {"name": "full"}).to(self.device)
+        self.model.activation_checkpointing = self.training["activation_checkpointing"]
         self.optimizer = None
         self.step = 0
         self.rows: list[dict] = []
@@ -245,7 +243,7 @@ class Trainer:
         lr = self.training["lr"] * lr_factor(k - 1, self.training["schedule"])
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        accum = self.training["grad_accum"]
+        accum = self.accum
         rows = slice(self.rank * accum * self.micro_batch, (self.rank + 1) * accum * self.micro_batch)
         tokens = self.batches.batch(k, rows).to(self.device, non_blocking=True)
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)

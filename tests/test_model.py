@@ -242,3 +242,43 @@ def test_small_head_attention_under_bf16_autocast_computes_in_fp32(monkeypatch):
     for name in small_grads:
         assert small_grads[name].dtype == torch.float32
         torch.testing.assert_close(small_grads[name], sdpa_grads[name], rtol=0.1, atol=2e-3, msg=name)
+
+
+@pytest.mark.parametrize("method", [
+    {"name": "full"},
+    {"name": "relora", "dropout": 0.1, "dropout_mask": "per_adapter"},
+    {"name": "relora", "dropout": 0.1, "dropout_mask": "shared"},
+])
+@pytest.mark.parametrize("head_dim", [4, 16])  # the CPU's small-head attention and SDPA
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(method, head_dim):
+    """Recomputing each block in the backward (dropout masks included: the RNG state is restored)
+    changes neither the loss nor any gradient."""
+    config = small_config(d_model=6 * head_dim, n_heads=6, n_kv_heads=2, ffn_hidden=4 * 6 * head_dim)
+    torch.manual_seed(0)
+    model = PicoDecoder(config)
+    if method["name"] == "relora":
+        wrap_with_lora(model, 2, 4, method["dropout"], list(LINEAR_MODULES), method["dropout_mask"])
+        for module in lora_modules(model):  # B = 0 would hide A's gradient
+            torch.nn.init.normal_(module.B_lora, std=0.1)
+    model.train()
+    idx = torch.randint(0, config.vocab_size, (3, config.max_seq_len + 1))
+
+    def loss_and_gradients(checkpointing):
+        model.activation_checkpointing = checkpointing
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        loss = model(idx[:, :-1], targets=idx[:, 1:])
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    loss, grads = loss_and_gradients(False)
+    loss_ckpt, grads_ckpt = loss_and_gradients(True)
+    torch.testing.assert_close(loss_ckpt, loss, rtol=1e-6, atol=1e-7)
+    assert grads_ckpt.keys() == grads.keys() and any("A_lora" in n for n in grads) == (method["name"] == "relora")
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    # a different dropout draw would change the loss: the equality above is not vacuous
+    if method["name"] == "relora":
+        model.activation_checkpointing = False
+        torch.manual_seed(2)
+        assert not torch.equal(model(idx[:, :-1], targets=idx[:, 1:]).detach(), loss)
