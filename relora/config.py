@@ -395,8 +395,8 @@ def resolve_run(study: dict, size: str, condition: str, seed: int) -> dict:
 
 
 # training keys that say how often state is saved, checkpoints kept or lines logged, and where
-# the arithmetic runs: none changes an update
-NOT_TRAJECTORY = ("save_state_every", "checkpoint_every", "log_every", "device")
+# the arithmetic runs (the device, the kernels): none changes an update beyond rounding
+NOT_TRAJECTORY = ("save_state_every", "checkpoint_every", "log_every", "device", "kernels")
 
 
 def run_config_hash(run: dict) -> str:
