@@ -5,8 +5,8 @@ small-head attention beside PyTorch's fused kernel, the complex and real forms o
 head's chunk size). Which is faster depends on the CPU, the torch build, the shape and the dtype,
 so before a run trains, `choose_kernels` times the candidates at the run's shape (forward and
 backward, interleaved, best of a few rounds) and keeps the fastest. The choice is cached on disk
-per (device, CPU model, torch version, shape, dtype), never per thread count (the workflow
-assigns each job its threads; a choice is a kernel, not a thread setting), in a JSON file written
+per (device, CPU model, torch version, thread count, shape, dtype); it never chooses a thread count
+(the workflow assigns each job its threads). The cache is a JSON file written
 atomically: $RELORA_AUTOTUNE_CACHE, else $RELORA_CACHE_DIR/autotune.json, else
 ~/.cache/relora-study/autotune.json. `training.kernels` in the config fixes any of them instead of `auto`.
 
@@ -65,11 +65,14 @@ def cpu_flags(wanted=("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx2"))
 
 
 def shape_key(model: dict, micro_batch: int, seq_len: int, precision: str, device: str) -> str:
-    """The cache key: what the timings depend on, besides the thread count."""
+    """The cache key: what the timings depend on. The thread count is part of it (the threads a
+    job gets are the workflow's to assign, not the autotune's; the fastest kernel at 1 thread
+    need not be at 2: small-head attention at head size 32 in bf16 measured faster than
+    PyTorch's kernel on 1 thread of a loaded Zen 4 and slower on 2)."""
     import torch
 
     parts = {"device": device, "cpu": cpu_model() if device == "cpu" else torch.cuda.get_device_name(),
-             "torch": torch.__version__, "precision": precision, "micro_batch": micro_batch, "seq_len": seq_len,
+             "torch": torch.__version__, "threads": torch.get_num_threads(), "precision": precision, "micro_batch": micro_batch, "seq_len": seq_len,
              **{k: model[k] for k in ("d_model", "n_heads", "n_kv_heads", "vocab_size")}}
     return json.dumps(parts, sort_keys=True, separators=(",", ":"))
 
@@ -167,8 +170,9 @@ def measure(model: dict, micro_batch: int, seq_len: int, precision: str, device:
             candidates = list(KERNEL_CHOICES[name])
             if name == "attention" and (dev.type != "cpu" or T > model_module.SMALL_HEAD_MAX_SEQ):
                 candidates = ["sdpa"]  # the small-head path is for CPU and short sequences only
-            if name == "lm_head_chunk_logits":  # chunks of all rows or more are one and the same
-                candidates = [c for c in candidates if c < B * T * V] or [min(candidates)]
+            if name == "lm_head_chunk_logits":  # sizes giving the same rows per chunk are one candidate
+                rows = {min(B * T, max(1, c // V)): c for c in sorted(candidates, reverse=True)}
+                candidates = sorted(rows.values())
             if len(candidates) == 1:
                 chosen[name] = candidates[0]
                 continue
