@@ -168,3 +168,12 @@ def test_fixed_kernels_changed_at_resume_are_ignored_with_a_warning(tmp_path, ca
     trainer.release()
     assert trainer.step == 4 and trainer.kernels == SMALL_HEAD and model_module.KERNELS == SMALL_HEAD
     assert "differs from the kernels this run started with" in caplog.text
+
+
+def test_config_schema_offers_exactly_the_models_kernels():
+    from relora.config import load_schema
+
+    offered = load_schema()["$defs"]["training"]["properties"]["kernels"]["properties"]
+    assert set(offered) == set(model_module.KERNEL_CHOICES)
+    for name, choices in model_module.KERNEL_CHOICES.items():
+        assert offered[name]["enum"] == ["auto", *choices] and offered[name]["default"] == "auto"
