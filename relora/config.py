@@ -506,13 +506,13 @@ def resolve_run(study: dict, size: str, condition: str, seed: int) -> dict:
 
 
 # training keys that say how often state is saved, checkpoints kept or lines logged, where the
-# arithmetic runs and how much of it a pass holds in memory (the micro-batch, activation
-# checkpointing): none changes an update, so a run that ran out of GPU memory resumes under a
-# smaller micro-batch (its dropout masks are then drawn in other groups, as after a device change).
-# grad_accum, which says the same when given instead, stays in the hash only so that the runs
-# configured before micro_batch_size existed keep theirs
-NOT_TRAJECTORY = ("save_state_every", "checkpoint_every", "log_every", "device", "micro_batch_size",
-                  "activation_checkpointing")
+# arithmetic runs (the device, the kernels) and how much of it a pass holds in memory (the
+# micro-batch, activation checkpointing): none changes an update beyond rounding, so a run that
+# ran out of GPU memory resumes under a smaller micro-batch (its dropout masks are then drawn in
+# other groups, as after a device change). grad_accum, which says the same when given instead,
+# stays in the hash only so that the runs configured before micro_batch_size existed keep theirs
+NOT_TRAJECTORY = ("save_state_every", "checkpoint_every", "log_every", "device", "kernels",
+                  "micro_batch_size", "activation_checkpointing")
 
 
 def run_config_hash(run: dict) -> str:

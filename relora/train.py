@@ -39,11 +39,12 @@ import torch
 import torch.distributed as dist
 
 from . import __version__
+from .autotune import choose_kernels, requested_kernels
 from .checkpoint import build_model, save_checkpoint
 from .config import micro_batch_and_accumulation, run_config_hash
 from .data.batches import training_batches
 from .lora import merge_and_reinit, wrap_with_lora
-from .model import count_parameters
+from .model import count_parameters, set_kernels
 from .optim import build_optimizer, lr_factor, reset_optimizer_state
 from .publish import check_run_dir, publish_run
 from .resume import (STATE, ForeignStateError, claim_resume_dir, clear_resume_dir, read_state, remove_resume_dir,
@@ -109,6 +110,7 @@ class Trainer:
         self.rows: list[dict] = []
         self.devices = [self.device.type]  # every device type the run has trained on, in order
         self.lock = None
+        self.kernels = None  # the model's kernels (relora.autotune): recorded, or chosen before training
         if self.attach_step == 0:
             self._attach_adapters()
         self._build_optimizer()
@@ -150,7 +152,7 @@ class Trainer:
         save_state(self.resume_dir / STATE, {  # tensors and plain values only: loads with weights_only
             "run_config_hash": self.hash, "step": self.step, "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "rng": rng_state(self.device), "metrics": self.rows,
-            "devices": self.devices,
+            "devices": self.devices, "kernels": self.kernels,
         })
 
     def try_resume(self) -> bool:
@@ -183,6 +185,7 @@ class Trainer:
         set_rng_state(state["rng"], self.device)
         self.rows = state["metrics"]
         self.devices = list(state.get("devices", []))
+        self.kernels = state.get("kernels")  # the run keeps the kernels it started with
         if self.device.type not in self.devices[-1:]:
             self.devices.append(self.device.type)
             if len(self.devices) > 1:
@@ -229,6 +232,23 @@ class Trainer:
             clear_resume_dir(self.resume_dir)
         if self.world > 1:
             dist.barrier()
+
+    def use_kernels(self):
+        """The kernels this run computes with: those recorded in its resume state (a resumed run
+        keeps its choice, whatever the autotune cache or the config say now), else the config's
+        fixed ones and the rest measured or cached by relora.autotune; rank 0 decides for all."""
+        if self.kernels is not None:
+            fixed = {k: v for k, v in requested_kernels(self.training).items() if v != "auto"}
+            if any(self.kernels.get(k) != v for k, v in fixed.items()):
+                log.warning("training.kernels %s differs from the kernels this run started with %s: keeping "
+                            "those (bitwise reproducible resume)", fixed, self.kernels)
+        else:
+            kernels = [choose_kernels(self.run, self.micro_batch, self.device.type) if self.is_main else None]
+            if self.world > 1:
+                dist.broadcast_object_list(kernels, src=0)
+            self.kernels = kernels[0]
+        set_kernels(self.kernels)
+        log.info("kernels: %s", self.kernels)
 
     def checkpoint(self):
         if self.is_main and self.step in self.checkpoint_steps:
@@ -300,6 +320,7 @@ class Trainer:
 
     def _fit(self, stop_after: int | None) -> dict:
         self.prepare_resume_dir()
+        self.use_kernels()
         if self.step == 0:
             self.checkpoint()
         stop = self._install_signal_handlers()
@@ -355,6 +376,7 @@ class Trainer:
                 "params_trainable": trainable, "optimizer_state_bytes": opt_bytes,
                 "device": str(self.device), "devices": self.devices,
                 "bitwise_reproducible": len(self.devices) == 1, "world_size": self.world,
+                "kernels": self.kernels,
                 "versions": {"relora": __version__, "torch": torch.__version__,
                              "python": platform.python_version(), "numpy": np.__version__}}
 
