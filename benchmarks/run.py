@@ -1,7 +1,8 @@
 """All performance figures of the README (Benchmarks) in one table, each beside its baseline.
 
     python benchmarks/run.py [--repeats 5] [--quick] [--sizes tiny,small,d192,d384]
-                             [--precisions fp32,bf16] [--skip-eval] [--skip-train]
+                             [--precisions fp32,bf16] [--skip-eval] [--skip-train] [--skip-user-path]
+                             [--user-steps N] [--threads N]
 
 Every figure and its baseline are measured in this one process, variants interleaved round by
 round and repeated (these shared machines vary by 10-15% between processes, and by more from
@@ -10,6 +11,13 @@ threads, timed in every round between the variants (fp32 for the MFU column; bf1
 it for bf16 rows). Model FLOPs follow docs/design.md, Model FLOPs
 (relora.model_config.model_flops_per_token) and the ReLoRA FLOP bound
 relora.model_config.relora_flops_per_token.
+
+The user-path rows time what a user runs: whole `relora train` processes (data loading, the
+autotune cache, metrics, checkpoints, resume state, publishing) on a generated data folder,
+against a process running a bare loop of transformers' LlamaForCausalLM (+ peft) with fused AdamW
+over the same batches; tokens / wall time of each process, best of two, interleaved. Every table
+names the CPU, its ISA flags and the kernels the autotune chose (relora.autotune), and every row
+its target.
 
 Baselines: transformers LlamaForCausalLM (+ peft LoRA for ReLoRA, same rank, alpha, dropout,
 targets and trainable set) with fused AdamW (transformers.Trainer's default optimizer for torch >=
@@ -27,6 +35,7 @@ import ctypes
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -44,6 +53,7 @@ from relora.checkpoint import build_model  # noqa: E402
 from relora.model import SmallHeadCausalAttention  # noqa: E402
 from relora.model_config import (LINEAR_MODULES, ModelConfig, model_flops_per_token,  # noqa: E402
                                  relora_flops_per_token)
+from relora.autotune import choose_kernels, cpu_flags, cpu_model, measure  # noqa: E402
 from relora.optim import build_optimizer  # noqa: E402
 
 TARGETS = list(LINEAR_MODULES)
@@ -84,17 +94,23 @@ def bernoulli_keep_mask(x, p):
     return torch.empty(x.shape, dtype=torch.bool).bernoulli_(1 - p)  # what F.dropout draws
 
 
+# PyTorch's kernel where the model has its own beside it (relora.model.KERNEL_CHOICES): the
+# "ours with PyTorch's kernels" rows. RoPE and the LM head's chunk have no PyTorch kernel.
+PYTORCH_KERNELS = {"attention": "sdpa"}
+
+
 @contextlib.contextmanager
-def patched(keep_mask=None, small_head_attention=True):
-    saved = lora_module.dropout_keep_mask, model_module.SMALL_HEAD_MAX_DIM
+def patched(keep_mask=None, kernels=None):
+    saved = lora_module.dropout_keep_mask, dict(model_module.KERNELS)
     try:
         if keep_mask is not None:
             lora_module.dropout_keep_mask = keep_mask
-        if not small_head_attention:
-            model_module.SMALL_HEAD_MAX_DIM = 0
+        if kernels:
+            model_module.set_kernels(kernels)
         yield
     finally:
-        lora_module.dropout_keep_mask, model_module.SMALL_HEAD_MAX_DIM = saved
+        lora_module.dropout_keep_mask = saved[0]
+        model_module.KERNELS.update(saved[1])
 
 
 # --- models ----------------------------------------------------------------------------------
@@ -191,20 +207,30 @@ def interleave(variants: dict, repeats: int, gemm_dtypes=(torch.float32,)) -> tu
             {dt: statistics.median(v) for dt, v in gemm.items()})
 
 
-def with_setup(step, malloc="keep", keep_mask=None, small_head_attention=True):
+def with_setup(step, malloc="keep", keep_mask=None, kernels=None):
     def run():
         malloc_mode(malloc)
-        with patched(keep_mask, small_head_attention):
+        with patched(keep_mask, kernels):
             step()
     return run
 
 
 # --- training ----------------------------------------------------------------------------------
 
+def autotune_kernels(config: ModelConfig, batch: int, seq: int, precision: str) -> dict:
+    """The kernels `relora train` would use at this shape (relora.autotune: cached, else measured
+    now and cached for the train processes of the user-path rows), set for this process."""
+    run = {"model": config.to_dict(), "data": {"seq_len": seq}, "training": {"precision": precision, "kernels": {}}}
+    kernels = choose_kernels(run, batch, "cpu")
+    model_module.set_kernels(kernels)
+    return kernels
+
+
 def bench_training(name: str, precision: str, repeats: int, with_hf: bool, ablations: bool) -> list[dict]:
     d, vocab, seq, batch, rank = SHAPES[name]
     config = model_config(d, vocab, seq)
     tokens = batch * seq
+    autotune_kernels(config, batch, seq, precision)
     built = {
         "ours full": ours(config, False, rank),
         "ours relora p=0": ours(config, True, rank),
@@ -223,8 +249,8 @@ def bench_training(name: str, precision: str, repeats: int, with_hf: bool, ablat
         loop_adamw = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)  # PyTorch's CPU default
         variants["ours full, PyTorch default AdamW"] = with_setup(make_step(forward, loop_adamw, vocab, batch, seq,
                                                                             precision)[0])
-        if config.head_dim <= model_module.SMALL_HEAD_MAX_DIM:
-            variants["ours full, PyTorch SDPA attention"] = with_setup(steps["ours full"][0], small_head_attention=False)
+        if any(model_module.KERNELS[k] != v for k, v in PYTORCH_KERNELS.items()):
+            variants["ours full, PyTorch's kernels"] = with_setup(steps["ours full"][0], kernels=PYTORCH_KERNELS)
         variants["ours relora p=0.1 per_adapter, bernoulli_ mask"] = with_setup(
             steps["ours relora p=0.1 per_adapter"][0], keep_mask=bernoulli_keep_mask)
         variants["ours relora p=0.1 shared, bernoulli_ mask"] = with_setup(
@@ -243,7 +269,7 @@ def bench_training(name: str, precision: str, repeats: int, with_hf: bool, ablat
                      "tokens_per_s": tokens / s, "model_tflops": flops * tokens / s / 1e12,
                      "mfu_vs_gemm": flops * tokens / s / gemm_flops,
                      "optimizer_mb": optimizer_bytes(steps[base][1]) / 2**20 if base in steps else float("nan")})
-    return rows, {"gemm_fp32_gflops": gemm_flops / 1e9,
+    return rows, {"gemm_fp32_gflops": gemm_flops / 1e9, "kernels": dict(model_module.KERNELS),
                   "gemm_bf16_gflops": 2 * 2048**3 / gemm[torch.bfloat16] / 1e9 if torch.bfloat16 in gemm else None,
                   "flop_bound": relora_flops / full_flops}
 
@@ -255,7 +281,7 @@ def training_table(rows: list[dict], info: dict) -> list[str]:
     shape, precision = full["shape"], full["precision"]
     gemm = f"GEMM fp32 {info['gemm_fp32_gflops']:.0f} GFLOP/s" + (
         f", bf16 {info['gemm_bf16_gflops']:.0f}" if info["gemm_bf16_gflops"] else "")
-    lines.append(f"[train {shape} {precision}] {gemm}")
+    lines.append(f"[train {shape} {precision}, model step in this process] {gemm}; kernels {info['kernels']}")
 
     def line(figure, value, baseline_name, baseline, ratio, target=""):
         lines.append(f"  {figure:46} {value:>14} | {baseline_name:38} {baseline:>14} | {ratio:>7} {target}")
@@ -264,6 +290,11 @@ def training_table(rows: list[dict], info: dict) -> list[str]:
     line("ours full: model FLOPs / GEMM", f"{full['model_tflops'] * 1e3:.0f} GFLOP/s", "GEMM fp32 2048^3",
          f"{info['gemm_fp32_gflops']:.0f} GFLOP/s", f"{full['mfu_vs_gemm']:.2f}",
          ">= 0.50 at d >= 192" if precision == "fp32" else "")
+    if info["gemm_bf16_gflops"]:
+        bf16_share = full["model_tflops"] * 1e3 / info["gemm_bf16_gflops"]
+        line("ours full: model FLOPs / bf16 GEMM", f"{full['model_tflops'] * 1e3:.0f} GFLOP/s", "GEMM bf16 2048^3",
+             f"{info['gemm_bf16_gflops']:.0f} GFLOP/s", f"{bf16_share:.2f}",
+             (">= 0.40 (AMX)" if cpu_flags()["amx_bf16"] else ">= 0.50 (AVX-512 bf16)") if shape == "d384" else "")
     if "hf llama full" in by:
         target = {"tiny": ">= 1.20", "small": ">= 1.20", "d384": ">= 1.00"}.get(shape, "")
         line("ours full", fmt(full), "hf llama full", fmt(by["hf llama full"]),
@@ -287,10 +318,11 @@ def training_table(rows: list[dict], info: dict) -> list[str]:
                  "", "", f"{old['step_s'] / by[key]['step_s']:.2f}x")
     for key, what in (("ours full, glibc default malloc", "retained memory (mallopt) vs glibc default"),
                       ("ours full, PyTorch default AdamW", "fused AdamW vs PyTorch's default loop"),
-                      ("ours full, PyTorch SDPA attention", "small-head attention vs PyTorch SDPA")):
+                      ("ours full, PyTorch's kernels", "autotuned kernels vs PyTorch's")):
         if key in by:
             line(f"ours full: {what}", fmt(full), key.split(", ")[1], fmt(by[key]),
-                 f"{full['tokens_per_s'] / by[key]['tokens_per_s']:.2f}x")
+                 f"{full['tokens_per_s'] / by[key]['tokens_per_s']:.2f}x",
+                 ">= 1.00" if key.endswith("kernels") else "")
     line("optimizer state relora / full", f"{by['ours relora p=0']['optimizer_mb']:.1f} MB", "ours full",
          f"{full['optimizer_mb']:.1f} MB", f"{by['ours relora p=0']['optimizer_mb'] / full['optimizer_mb']:.2f}x")
     return lines
@@ -311,15 +343,118 @@ def attention_variants(d: int, batch: int, seq: int) -> dict:
 
 
 def bench_attention(repeats: int) -> list[str]:
-    """The small-head path against PyTorch's fused kernel around relora.model.SMALL_HEAD_MAX_DIM."""
+    """The small-head path against PyTorch's fused kernel, with what the autotune chooses there."""
     lines = ["[attention] one layer, forward + backward, fp32, 12 query / 4 kv heads"]
     for d, batch, seq in ((48, 16, 128), (96, 16, 128), (96, 4, 512), (192, 8, 256)):
         hs = d // 12
         seconds, _ = interleave(attention_variants(d, batch, seq), repeats * 4)
-        used = "used" if hs <= model_module.SMALL_HEAD_MAX_DIM and seq <= model_module.SMALL_HEAD_MAX_SEQ else "not used"
+        model = {"d_model": d, "n_heads": 12, "n_kv_heads": 4, "vocab_size": 8192}
+        used = measure(model, batch, seq, "fp32", "cpu", ["attention"])["kernels"]["attention"]
+        used = "chosen" if used == "small_head" else "not chosen"
         lines.append("  {:46} {:>14} | {:38} {:>14} | {:>7}".format(
             f"small-head, hs {hs}, B {batch}, T {seq} ({used})", f"{seconds['small'] * 1e3:.1f} ms",
             "PyTorch SDPA (flash, CPU)", f"{seconds['sdpa'] * 1e3:.1f} ms", f"{seconds['sdpa'] / seconds['small']:.2f}x"))
+    return lines
+
+
+# --- the user's path: whole processes ----------------------------------------------------------
+
+USER_STEPS = {"tiny": 60, "small": 40, "d192": 16, "d384": 10}  # about 10-40 s per process on 2 cores
+
+
+def user_study(name: str, precision: str, steps: int) -> dict:
+    d, vocab, seq, batch, rank = SHAPES[name]
+    return {
+        "study": "bench", "data": {"seq_len": seq, "tokenizer": {"vocab_size": vocab}},
+        "sizes": {name: {"d_model": d, "n_layers": 12, "n_heads": 12, "n_kv_heads": 4}},
+        "training": {"steps": steps, "batch_size": batch, "lr": 1e-4, "precision": precision, "device": "cpu",
+                     "schedule": {"name": "linear", "warmup": 2}, "checkpoint_every": steps // 2,
+                     "save_state_every": steps // 2, "log_every": steps},
+        # the paper's ReLoRA setting: dropout 0.1 on every linear, merges during the run
+        "conditions": {"full": {"method": "full"},
+                       "relora": {"method": "relora", "rank": rank, "alpha": 2 * rank, "dropout": 0.1,
+                                  "reset_every": steps // 2, "restart_warmup": 1}},
+        "seeds": [0],
+    }
+
+
+def hf_loop(spec: dict) -> None:
+    """The baseline process: transformers' LlamaForCausalLM (+ peft) with fused AdamW over the
+    batches `relora train` reads (relora.data.batches, same seed), nothing else."""
+    from relora.data.batches import training_batches
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    d, vocab, seq, batch, rank = SHAPES[spec["name"]]
+    config = model_config(d, vocab, seq)
+    _, forward, optimizer = hugging_face(config, spec["relora"], rank, 0.1 if spec["relora"] else 0.0)
+    batches = training_batches(Path(spec["data"]), seq, batch, 0, vocab)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["precision"] == "bf16")
+    for k in range(1, spec["steps"] + 1):
+        tokens = batches.batch(k)
+        with autocast:
+            loss = forward(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+
+
+def bench_user_path(name: str, precision: str, repeats: int, steps: int | None = None) -> list[str]:
+    """Tokens / wall time of whole processes: `relora train` (data loading, autotune cache,
+    metrics, checkpoints, state and publishing included) against the bare transformers (+ peft)
+    loop, each on the same batches, best of `repeats`, the four processes interleaved."""
+    import tempfile
+
+    import numpy as np
+    import yaml
+
+    d, vocab, seq, batch, rank = SHAPES[name]
+    steps = steps or USER_STEPS[name]
+    threads = torch.get_num_threads()
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    kernels = autotune_kernels(model_config(d, vocab, seq), batch, seq, precision)
+    with tempfile.TemporaryDirectory(prefix="relora-bench-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "data").mkdir()
+        tokens = np.random.default_rng(0).integers(0, vocab, batch * steps * (seq + 1) + 1).astype(np.uint16)
+        np.save(tmp / "data" / "train.npy", tokens)
+        (tmp / "study.yaml").write_text(yaml.safe_dump(user_study(name, precision, steps)))
+
+        def ours(condition):
+            return [sys.executable, "-m", "relora.cli", "train", "-q", "--config", str(tmp / "study.yaml"),
+                    "--size", name, "--condition", condition, "--seed", "0", "--data", str(tmp / "data"),
+                    "--out", str(tmp / "runs" / condition), "--resume-dir", str(tmp / "resume" / condition),
+                    "--threads", str(threads)]
+
+        def theirs(relora):
+            spec = {"name": name, "precision": precision, "steps": steps, "relora": relora, "threads": threads,
+                    "data": str(tmp / "data")}
+            return [sys.executable, str(Path(__file__).resolve()), "--hf-loop", json.dumps(spec)]
+
+        commands = {"ours full": ours("full"), "transformers full": theirs(False),
+                    "ours relora p=0.1": ours("relora"), "transformers + peft p=0.1": theirs(True)}
+        best = {}
+        for _ in range(repeats):
+            for key, command in commands.items():
+                if key.startswith("ours"):
+                    shutil.rmtree(tmp / "runs", ignore_errors=True)  # our own folders: a fresh run each time
+                start = time.perf_counter()
+                done = subprocess.run(command, env=env, capture_output=True, text=True)
+                if done.returncode:
+                    raise RuntimeError(f"{key}: exit {done.returncode}\n{done.stderr[-3000:]}")
+                best[key] = min(best.get(key, float("inf")), time.perf_counter() - start)
+    n = batch * seq * steps
+    rate = {k: n / s for k, s in best.items()}
+    target = {"full": ">= 1.20" if d <= 96 else ">= 1.00", "relora": ">= 1.30"}
+    lines = [f"[user path {name} {precision}] whole processes, {steps} steps of {batch} x {seq} tokens, "
+             f"{threads} threads, best of {repeats}; kernels {kernels}"]
+    for ours_key, hf_key, kind in (("ours full", "transformers full", "full"),
+                                   ("ours relora p=0.1", "transformers + peft p=0.1", "relora")):
+        lines.append("  {:46} {:>14} | {:38} {:>14} | {:>7} {}".format(
+            f"relora train {ours_key[5:]}", f"{rate[ours_key]:,.0f} tok/s", hf_key, f"{rate[hf_key]:,.0f} tok/s",
+            f"{rate[ours_key] / rate[hf_key]:.2f}x", target[kind]))
     return lines
 
 
@@ -433,16 +568,10 @@ def bench_startup(repeats: int) -> list[str]:
 
 
 def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for row in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if row.startswith("Model name:"):
-                model = row.split(":", 1)[1].strip()
-    except OSError:
-        pass
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"{model}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads, "
-            f"{torch.backends.cpu.get_cpu_capability()}), load average {load}")
+    flags = " ".join(f"{flag}{'+' if present else '-'}" for flag, present in cpu_flags().items())
+    return (f"{cpu_model()} ({flags}), {os.cpu_count()} CPUs, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}), load average {load}")
 
 
 def main():
@@ -455,10 +584,19 @@ def main():
     parser.add_argument("--no-ablations", action="store_true")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-eval", action="store_true")
+    parser.add_argument("--skip-user-path", action="store_true", help="no whole-process `relora train` rows")
+    parser.add_argument("--user-steps", type=int, default=None, help="steps per user-path process (default: by size)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); on a loaded machine 1 avoids waiting for a descheduled thread")
+    parser.add_argument("--hf-loop", default=None, help=argparse.SUPPRESS)  # the baseline's own process
     parser.add_argument("--blimp-dir", type=Path, default=os.environ.get("RELORA_BLIMP_DIR"),
                         help="published BLiMP's <UID>.jsonl files, for real sentence lengths "
                              "(default: $RELORA_BLIMP_DIR; without it, 6-18 tokens)")
     args = parser.parse_args()
+    if args.hf_loop:
+        return hf_loop(json.loads(args.hf_loop))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.sizes, args.precisions, args.repeats = "tiny,d384", "fp32", 3
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -475,8 +613,12 @@ def main():
                 print("[train bf16] skipped: this CPU has no native bf16")
                 continue
             for name in args.sizes.split(","):
+                print(f"machine: {machine()}")
                 rows, info = bench_training(name, precision, args.repeats, not args.no_hf, not args.no_ablations)
                 print("\n".join(training_table(rows, info)), flush=True)
+                if not args.skip_user_path and not args.no_hf:
+                    print("\n".join(bench_user_path(name, precision, 1 if args.quick else 2, args.user_steps)),
+                          flush=True)
     if not args.skip_eval:
         print("\n".join(bench_evaluation(args.repeats, args.blimp_dir)), flush=True)
         print("\n".join(bench_dynamics(max(2, args.repeats // 2))), flush=True)

@@ -12,7 +12,8 @@ Exit codes (the README's CLI section lists them too):
     3    an input or data error: an invalid study config, a missing, corrupt or foreign file, a
          folder the command may not replace, a full disk; one line names the file, key or value
     4    `relora train`: the loss or gradient norm became NaN or Inf (the last good state is kept)
-    128+N  `relora train`: stopped by signal N (SIGTERM, SIGUSR1) after saving its state: requeue it
+    128+N  `relora train`: stopped by signal N (SIGTERM, SIGUSR1) after saving its state: requeue it;
+         any command: 141 (128 + SIGPIPE) when the reader of its output went away (`| head`)
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import signal
 import sys
 
 from . import __version__
@@ -29,6 +32,7 @@ COMMAND_MODULES = ("train", "data", "evaluate", "dynamics", "results")
 EXIT_USAGE = 2  # argparse's own
 EXIT_INPUT = 3
 EXIT_DIVERGED = 4
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # as a shell reports a process killed by SIGPIPE
 
 log = logging.getLogger("relora.cli")
 
@@ -76,7 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     logger.addHandler(handler)
     logger.setLevel(level)
     try:
-        return args.handler(args) or 0
+        code = args.handler(args) or 0
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at the interpreter's exit
+        return code
+    except BrokenPipeError:
+        # the reader of stdout went away (`relora describe ... | head`): not an error of ours.
+        # Point stdout at /dev/null so that the interpreter's final flush does not fail again.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (AttributeError, OSError, ValueError):
+            pass
+        return EXIT_BROKEN_PIPE
     except Exception as e:
         code = exit_code_of(e)
         if code is None:

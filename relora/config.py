@@ -271,14 +271,12 @@ def check_semantics(study: dict, source: str) -> None:
         size, condition_seed = condition_sizes(study, name)[0], condition_seeds(study, name)[0]
         run = resolve_run(study, size, name, condition_seed)
         training, method = run["training"], run["method"]
-        if training["batch_size"] % training["grad_accum"]:
-            raise ConfigError(f"{key}: training.batch_size {training['batch_size']} is not divisible "
-                              f"by grad_accum {training['grad_accum']}")
-        processes = ((study.get("workflow") or {}).get("gpus") or {}).get("train") or 1
-        if training["batch_size"] % (training["grad_accum"] * processes):
-            raise ConfigError(f"{key}: training.batch_size {training['batch_size']} is not divisible by "
-                              f"grad_accum {training['grad_accum']} x workflow.gpus.train {processes} "
-                              "(one process per GPU)")
+        devices = training_devices(study)
+        try:
+            micro, _ = micro_batch_and_accumulation(training, devices)
+        except ConfigError as e:
+            raise ConfigError(f"{key}: {e}") from None
+        check_gpu_memory(study, run, micro, key)
         schedule = training["schedule"]
         if schedule["name"] != "constant" and schedule["warmup"] > schedule["horizon"]:
             raise ConfigError(f"{key}: training.schedule.warmup {schedule['warmup']} is longer than the "
@@ -309,6 +307,69 @@ def check_semantics(study: dict, source: str) -> None:
                 if method["rank"] > min(shapes[target]):
                     raise ConfigError(f"{key}.rank: {method['rank']} exceeds the smaller dimension "
                                       f"{min(shapes[target])} of {target} in size '{size}'")
+
+
+def training_devices(study: dict) -> int:
+    """Data-parallel processes of a train job: workflow.gpus.train (one process per GPU), or one."""
+    return ((study.get("workflow") or {}).get("gpus") or {}).get("train") or 1
+
+
+def micro_batch_and_accumulation(training: dict, devices: int = 1) -> tuple[int, int]:
+    """(sequences per forward/backward pass on each device, passes per update): batch_size =
+    micro_batch_size x grad_accum x devices. Either may be given (both: they must agree); the
+    other follows, and with neither one pass per device takes its whole share of the batch."""
+    batch, micro, accum = training["batch_size"], training.get("micro_batch_size"), training.get("grad_accum")
+    where = f"training.batch_size {batch}"
+    if micro is None:
+        accum = accum or 1
+        if batch % (accum * devices):
+            raise ConfigError(f"{where} is not divisible by grad_accum {accum}"
+                              + (f" x workflow.gpus.train {devices} (one process per GPU)" if devices > 1 else ""))
+        return batch // (accum * devices), accum
+    if batch % (micro * devices):
+        divisors = [m for m in range(1, batch // devices + 1) if (batch // devices) % m == 0] \
+            if batch % devices == 0 else []
+        raise ConfigError(f"{where} is not divisible by micro_batch_size {micro} x {devices} devices"
+                          + (f"; micro-batches that divide it: {divisors}" if divisors else ""))
+    derived = batch // (micro * devices)
+    if accum is not None and accum != derived:
+        raise ConfigError(f"training.grad_accum {accum} disagrees with micro_batch_size {micro}: batch_size "
+                          f"{batch} / ({micro} x {devices} devices) = {derived}; give one of the two")
+    return micro, derived
+
+
+def check_gpu_memory(study: dict, run: dict, micro: int, key: str) -> None:
+    """A run that trains on GPUs must fit in workflow.gpu_mem_gb at its micro-batch, by the
+    estimate of relora.memory; the error names the run and a micro-batch that fits."""
+    from .memory import GIB, USABLE_FRACTION, largest_fitting_micro_batch, training_memory
+
+    workflow = study.get("workflow") or {}
+    gpu_mem_gb = workflow.get("gpu_mem_gb")
+    gpus = (workflow.get("gpus") or {}).get("train")
+    if gpu_mem_gb is None or run["training"]["device"] == "cpu" or gpus == 0:
+        return
+    training = run["training"]
+    limit = USABLE_FRACTION * gpu_mem_gb * GIB
+    checkpointing = training["activation_checkpointing"]
+    for size in study["sizes"]:
+        config = model_config(study, size)
+        estimate = training_memory(config, micro, run["method"], training["precision"], checkpointing)["peak"]
+        if estimate <= limit:
+            continue
+        per_device = training["batch_size"] // training_devices(study)
+        fits = largest_fitting_micro_batch(config, per_device, run["method"], training["precision"],
+                                           checkpointing, limit)
+        advice = (f"micro_batch_size {fits} fits" if fits else "no micro-batch fits")
+        if not checkpointing:
+            with_checkpointing = largest_fitting_micro_batch(config, per_device, run["method"],
+                                                             training["precision"], True, limit)
+            if with_checkpointing and (fits is None or with_checkpointing > fits):
+                advice += (f"; with training.activation_checkpointing: true, micro_batch_size "
+                           f"{with_checkpointing} fits")
+        raise ConfigError(
+            f"{key}: size '{size}' needs an estimated {estimate / GIB:.1f} GiB of GPU memory at "
+            f"micro_batch_size {micro}, more than {USABLE_FRACTION:.0%} of workflow.gpu_mem_gb {gpu_mem_gb} "
+            f"(relora/memory.py); {advice}")
 
 
 def _steps_every(every: int | None, last: int) -> set[int]:
@@ -453,9 +514,14 @@ def resolve_run(study: dict, size: str, condition: str, seed: int) -> dict:
     }
 
 
-# training keys that say how often state is saved, checkpoints kept or lines logged, and where
-# the arithmetic runs: none changes an update
-NOT_TRAJECTORY = ("save_state_every", "checkpoint_every", "log_every", "device")
+# training keys that say how often state is saved, checkpoints kept or lines logged, where the
+# arithmetic runs (the device, the kernels) and how much of it a pass holds in memory (the
+# micro-batch, activation checkpointing): none changes an update beyond rounding, so a run that
+# ran out of GPU memory resumes under a smaller micro-batch (its dropout masks are then drawn in
+# other groups, as after a device change). grad_accum, which says the same when given instead,
+# stays in the hash only so that the runs configured before micro_batch_size existed keep theirs
+NOT_TRAJECTORY = ("save_state_every", "checkpoint_every", "log_every", "device", "kernels",
+                  "micro_batch_size", "activation_checkpointing")
 
 
 def run_config_hash(run: dict) -> str:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 
 from .checkpoint import build_model
-from .config import resolve_run, runs
+from .config import micro_batch_and_accumulation, resolve_run, runs, training_devices
+from .memory import GIB, training_memory
 from .model import count_parameters
-from .model_config import model_flops_per_token, relora_flops_per_token
+from .model_config import ModelConfig, model_flops_per_token, relora_flops_per_token
 from .optim import lr_factor
 
 # The paper's ReLoRA recipe (arXiv 2509.12960, as in workflow/studies/paper.yaml): peak LR 3e-4,
@@ -37,7 +38,7 @@ def checkpoint_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
-def describe_run(run: dict, eval_tokens: int | None = None) -> dict:
+def describe_run(run: dict, eval_tokens: int | None = None, devices: int = 1) -> dict:
     """One run's sizes and costs. `eval_tokens`: tokens scored per evaluation (held-out
     documents and BLiMP sentences), when known, for the evaluation FLOPs."""
     with torch.device("meta"):  # shapes only: no memory, no initialisation
@@ -76,13 +77,27 @@ def describe_run(run: dict, eval_tokens: int | None = None) -> dict:
         # the training FLOPs per token of the full-rank model
         "eval_flops": (len(run["steps"]["evaluation"]) * eval_tokens * full_flops / 3
                        if eval_tokens is not None else None),
+        **describe_memory(run, devices),
     }
+
+
+def describe_memory(run: dict, devices: int) -> dict:
+    """Sequences per pass on each device, passes per update, and the estimated peak GPU memory
+    of a pass (relora/memory.py) in GiB."""
+    training = run["training"]
+    micro, accum = micro_batch_and_accumulation(training, devices)
+    memory = training_memory(ModelConfig(**run["model"]), micro, run["method"], training["precision"],
+                             training["activation_checkpointing"])
+    return {"devices": devices, "micro_batch_size": micro, "grad_accum": accum,
+            "activation_checkpointing": training["activation_checkpointing"],
+            "gpu_memory_gib": memory["peak"] / GIB}
 
 
 def describe_study(study: dict, eval_tokens: int | None = None) -> list[dict]:
     """One row per (size, condition) the study runs, described at the condition's first seed."""
+    devices = training_devices(study)
     first = {}
     for size, condition, seed in runs(study):
         first.setdefault((size, condition), seed)
-    return [describe_run(resolve_run(study, size, condition, seed), eval_tokens)
+    return [describe_run(resolve_run(study, size, condition, seed), eval_tokens, devices)
             for (size, condition), seed in first.items()]

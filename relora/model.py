@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .model_config import ModelConfig
 
@@ -47,8 +48,9 @@ def rope_tables(head_dim: int, seq_len: int, theta: float, device=None):
 
 def apply_rope(x, cos, sin):
     """Rotate adjacent pairs (x[..., 2i], x[..., 2i+1]) of x (B, n, T, hs) in fp32 by the angles
-    of the tables: (x_2i cos - x_2i+1 sin, x_2i sin + x_2i+1 cos)."""
-    if torch.compiler.is_compiling():  # inductor fuses the real form into one kernel; it has no complex codegen
+    of the tables: (x_2i cos - x_2i+1 sin, x_2i sin + x_2i+1 cos). Both forms compute the same
+    rotation; which runs faster depends on the machine (KERNELS["rope"], relora.autotune)."""
+    if torch.compiler.is_compiling() or KERNELS["rope"] == "real":  # inductor has no complex codegen
         return rope_real(x, cos, sin)
     return rope_complex(x, cos, sin)
 
@@ -71,14 +73,32 @@ def rope_real(x, cos, sin):
     return (x_fp32 * cos_hs + swapped * sin_hs).type_as(x)
 
 
-# PyTorch's fused CPU attention kernel works in (32-query x T-key) tiles whose matmuls have inner
-# dimension head_size; at head sizes 4 and 8 (the default study's d=48 and the paper's tiny d=96)
-# those tiles run far below the machine's GEMM rate. Up to these sizes attention on CPU computes
-# the (T, T) probabilities explicitly (SmallHeadCausalAttention), which measured faster than the
-# fused kernel at head sizes 4 and 8 and slower at 16 (benchmarks/run.py prints the attention
-# rows; README, Benchmarks). The probabilities it keeps for the backward take B*nh*T^2 floats per
-# layer, hence the sequence bound.
-SMALL_HEAD_MAX_DIM = 8
+# The model's own kernels beside PyTorch's, by the decision they serve. Which runs faster depends
+# on the CPU, the torch build, the shape and the dtype (a path measured 2x faster on one CPU was
+# 0.5x on another), so none is decided by a constant: relora.autotune times the candidates on the
+# machine at hand before training starts and sets these (training.kernels in the config fixes
+# them instead). The values here serve whatever runs without a choice (evaluation, tests):
+#   attention             "small_head" (SmallHeadCausalAttention, CPU) or "sdpa" (PyTorch's fused kernel)
+#   rope                  "complex" (rope_complex) or "real" (rope_real)
+#   lm_head_chunk_logits  fp32 logits per chunk of LMHeadCrossEntropy
+KERNELS = {"attention": "sdpa", "rope": "complex", "lm_head_chunk_logits": 2**22}
+KERNEL_CHOICES = {"attention": ("small_head", "sdpa"), "rope": ("complex", "real"),
+                  "lm_head_chunk_logits": (2**20, 2**22, 2**24)}
+
+
+def set_kernels(kernels: dict) -> dict:
+    """Use these kernels from now on (unknown names or values raise); returns the previous ones."""
+    for name, value in kernels.items():
+        if name not in KERNEL_CHOICES or value not in KERNEL_CHOICES[name]:
+            raise ValueError(f"kernel {name}: {value!r} is not one of {KERNEL_CHOICES.get(name, ())} "
+                             f"(kernels: {sorted(KERNEL_CHOICES)})")
+    previous = dict(KERNELS)
+    KERNELS.update(kernels)
+    return previous
+
+
+# The probabilities SmallHeadCausalAttention keeps for the backward take B*nh*T^2 floats per layer
+# (the fused kernel keeps none): beyond this sequence length it is not offered, whatever it measures.
 SMALL_HEAD_MAX_SEQ = 512
 # scores per chunk and thread: 1 MB, the per-core L2 cache of current x86 CPUs, so each chunk's
 # scores, probabilities and their gradients stay in cache between the ops that use them (the
@@ -151,6 +171,17 @@ class SmallHeadCausalAttention(torch.autograd.Function):
                 grad_v_t.view(B, nkv, hs, T).transpose(2, 3).to(ctx.dtype))
 
 
+def causal_attention(q, k, v, kernel: str):
+    """Causal grouped-query attention of q (B, nh, T, hs), k and v (B, nkv, T, hs) -> (B, T, nh * hs)
+    by the kernel named: "small_head" (CPU, T <= SMALL_HEAD_MAX_SEQ; else PyTorch's) or "sdpa"."""
+    B, nh, T, hs = q.shape
+    if kernel == "small_head" and q.device.type == "cpu" and T <= SMALL_HEAD_MAX_SEQ:
+        return SmallHeadCausalAttention.apply(q, k, v)
+    # query head h reads key/value head h // (nh / nkv), as LLaMA's repeat_kv
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != nh)
+    return y.transpose(1, 2).reshape(B, T, nh * hs)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -166,12 +197,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if q.device.type == "cpu" and self.head_dim <= SMALL_HEAD_MAX_DIM and T <= SMALL_HEAD_MAX_SEQ:
-            y = SmallHeadCausalAttention.apply(q, k, v)  # (B, T, C)
-        else:
-            # query head h reads key/value head h // (nh / nkv), as LLaMA's repeat_kv
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
-            y = y.transpose(1, 2).reshape(B, T, C)
+        y = causal_attention(q, k, v, KERNELS["attention"])  # (B, T, C)
         return self.o_proj(y)
 
 
@@ -199,12 +225,6 @@ class Block(nn.Module):
         return x + self.swiglu(self.swiglu_norm(x))
 
 
-# logits per chunk of LMHeadCrossEntropy, by device type. 16 MB of fp32 logits on CPU: with vocab
-# 8192, 512-row chunks measured faster than 256 and as fast as 1024-2048 at d=96 and d=384, fp32
-# and bf16, in a quarter of 2048's memory.
-LM_HEAD_CHUNK_LOGITS = {"cpu": 2**22, "cuda": 2**27}
-
-
 class LMHeadCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of the fp32 logits h W^T over the targets that are not -100, without
     the (tokens, vocab) logits ever existing whole (67 MB at the default study's batch, 3.3 GB
@@ -219,7 +239,7 @@ class LMHeadCrossEntropy(torch.autograd.Function):
         h_mm, w_mm = h.to(dtype), weight.to(dtype)
         predicted = targets != -100
         n = predicted.sum().clamp(min=1)
-        rows = max(1, LM_HEAD_CHUNK_LOGITS.get(device, LM_HEAD_CHUNK_LOGITS["cuda"]) // weight.shape[0])
+        rows = max(1, KERNELS["lm_head_chunk_logits"] // weight.shape[0])
         loss = torch.zeros((), device=h.device)
         grad_h = torch.empty_like(h_mm) if with_grad else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if with_grad else None
@@ -266,6 +286,9 @@ class PicoDecoder(nn.Module):
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # keep only each block's input for the backward and recompute the block from it there
+        # (training.activation_checkpointing; the trainer sets it): less memory, more compute
+        self.activation_checkpointing = False
 
     def residual_stream(self, idx, every_block: list | None = None):
         """idx (B, T) token ids -> the residual stream after the last block (B, T, C), before the
@@ -275,8 +298,12 @@ class PicoDecoder(nn.Module):
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.config.max_seq_len}")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.embedding_proj(idx)  # (B, T, C)
+        checkpointing = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.layers:
-            x = block(x, cos, sin)
+            if checkpointing:  # the recomputation restores the RNG state, so dropout masks repeat
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
             if every_block is not None:
                 every_block.append(x)
         return x

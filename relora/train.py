@@ -39,11 +39,12 @@ import torch
 import torch.distributed as dist
 
 from . import __version__
+from .autotune import choose_kernels, requested_kernels
 from .checkpoint import build_model, save_checkpoint
-from .config import run_config_hash
+from .config import micro_batch_and_accumulation, run_config_hash
 from .data.batches import training_batches
 from .lora import merge_and_reinit, wrap_with_lora
-from .model import count_parameters
+from .model import count_parameters, set_kernels
 from .optim import build_optimizer, lr_factor, reset_optimizer_state
 from .publish import check_run_dir, publish_run
 from .resume import (STATE, ForeignStateError, claim_resume_dir, clear_resume_dir, read_state, remove_resume_dir,
@@ -89,11 +90,8 @@ class Trainer:
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.hash = run_config_hash(run)
         self.seed = run["run_seed"]
-        batch, accum = self.training["batch_size"], self.training["grad_accum"]
-        if batch % (accum * self.world):
-            raise ValueError(f"training.batch_size {batch} is not divisible by grad_accum {accum} x "
-                             f"world size {self.world}")
-        self.micro_batch = batch // (accum * self.world)
+        batch = self.training["batch_size"]
+        self.micro_batch, self.accum = micro_batch_and_accumulation(self.training, self.world)
         self.batches = training_batches(Path(data_dir), run["data"]["seq_len"], batch, self.seed,
                                         run["data"]["vocab_size"])
         self.steps = run["steps"]
@@ -106,11 +104,13 @@ class Trainer:
         # the run seed before (and independently of) any adapter.
         torch.manual_seed(self.seed)
         self.model = build_model(run["model"], {"name": "full"}).to(self.device)
+        self.model.activation_checkpointing = self.training["activation_checkpointing"]
         self.optimizer = None
         self.step = 0
         self.rows: list[dict] = []
         self.devices = [self.device.type]  # every device type the run has trained on, in order
         self.lock = None
+        self.kernels = None  # the model's kernels (relora.autotune): recorded, or chosen before training
         if self.attach_step == 0:
             self._attach_adapters()
         self._build_optimizer()
@@ -152,7 +152,7 @@ class Trainer:
         save_state(self.resume_dir / STATE, {  # tensors and plain values only: loads with weights_only
             "run_config_hash": self.hash, "step": self.step, "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "rng": rng_state(self.device), "metrics": self.rows,
-            "devices": self.devices,
+            "devices": self.devices, "kernels": self.kernels,
         })
 
     def try_resume(self) -> bool:
@@ -185,6 +185,7 @@ class Trainer:
         set_rng_state(state["rng"], self.device)
         self.rows = state["metrics"]
         self.devices = list(state.get("devices", []))
+        self.kernels = state.get("kernels")  # the run keeps the kernels it started with
         if self.device.type not in self.devices[-1:]:
             self.devices.append(self.device.type)
             if len(self.devices) > 1:
@@ -232,6 +233,23 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
 
+    def use_kernels(self):
+        """The kernels this run computes with: those recorded in its resume state (a resumed run
+        keeps its choice, whatever the autotune cache or the config say now), else the config's
+        fixed ones and the rest measured or cached by relora.autotune; rank 0 decides for all."""
+        if self.kernels is not None:
+            fixed = {k: v for k, v in requested_kernels(self.training).items() if v != "auto"}
+            if any(self.kernels.get(k) != v for k, v in fixed.items()):
+                log.warning("training.kernels %s differs from the kernels this run started with %s: keeping "
+                            "those (bitwise reproducible resume)", fixed, self.kernels)
+        else:
+            kernels = [choose_kernels(self.run, self.micro_batch, self.device.type) if self.is_main else None]
+            if self.world > 1:
+                dist.broadcast_object_list(kernels, src=0)
+            self.kernels = kernels[0]
+        set_kernels(self.kernels)
+        log.info("kernels: %s", self.kernels)
+
     def checkpoint(self):
         if self.is_main and self.step in self.checkpoint_steps:
             save_checkpoint(self.model, self.resume_dir / "checkpoints" / f"step_{self.step}",
@@ -245,7 +263,7 @@ class Trainer:
         lr = self.training["lr"] * lr_factor(k - 1, self.training["schedule"])
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        accum = self.training["grad_accum"]
+        accum = self.accum
         rows = slice(self.rank * accum * self.micro_batch, (self.rank + 1) * accum * self.micro_batch)
         tokens = self.batches.batch(k, rows).to(self.device, non_blocking=True)
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -302,6 +320,7 @@ class Trainer:
 
     def _fit(self, stop_after: int | None) -> dict:
         self.prepare_resume_dir()
+        self.use_kernels()
         if self.step == 0:
             self.checkpoint()
         stop = self._install_signal_handlers()
@@ -357,6 +376,7 @@ class Trainer:
                 "params_trainable": trainable, "optimizer_state_bytes": opt_bytes,
                 "device": str(self.device), "devices": self.devices,
                 "bitwise_reproducible": len(self.devices) == 1, "world_size": self.world,
+                "kernels": self.kernels,
                 "versions": {"relora": __version__, "torch": torch.__version__,
                              "python": platform.python_version(), "numpy": np.__version__}}
 

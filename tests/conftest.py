@@ -6,6 +6,9 @@ import torch
 
 # tests are small: one thread keeps them fast and leaves the second core to a parallel job
 torch.set_num_threads(1)
+# the kernels' autotune cache (relora.autotune) of this test session: never the user's ~/.cache
+os.environ["RELORA_AUTOTUNE_CACHE"] = os.path.join(
+    __import__("tempfile").mkdtemp(prefix="relora-autotune-"), "autotune.json")
 
 REPO = Path(__file__).resolve().parent.parent
 # the published BLiMP (67 <UID>.jsonl files and reference/): not ours to commit, so its tests run
@@ -106,3 +109,15 @@ def _never_the_hub(monkeypatch):
 
     for name in ("resolve_revision", "list_files", "open_file"):
         monkeypatch.setattr(hub, name, unreachable)
+
+
+@pytest.fixture(autouse=True)
+def restore_model_kernels():
+    """A trainer sets the model's kernels for its process (relora.autotune); each test starts
+    from, and leaves, the defaults."""
+    from relora import model
+
+    saved = dict(model.KERNELS)
+    yield
+    model.KERNELS.clear()
+    model.KERNELS.update(saved)

@@ -130,3 +130,19 @@ def test_progress_goes_to_stderr_and_follows_v_and_q(tmp_path, capsys):
     assert main(["manifest", "--data", str(tmp_path / "nowhere"), "-v"]) == 3
     assert "Traceback" in capsys.readouterr().err  # -v: the error's traceback too
     assert logging.getLogger("relora").handlers == []  # main leaves logging as it found it
+
+
+def test_a_closed_output_pipe_ends_quietly(repo):
+    """`relora describe ... | head -0`: the reader is gone before the table is written; no error
+    line, no traceback, exit 141 (128 + SIGPIPE)."""
+    import subprocess
+    import sys
+
+    reader = subprocess.Popen([sys.executable, "-c", "pass"], stdin=subprocess.PIPE)
+    reader.wait(timeout=60)  # the pipe's read end is closed now
+    result = subprocess.run([sys.executable, "-m", "relora", "describe", "--config",
+                             str(repo / "config.yaml")],
+                            stdout=reader.stdin, stderr=subprocess.PIPE, text=True, timeout=300)
+    reader.stdin.close()
+    assert result.returncode == 141, result.stderr
+    assert result.stderr == ""

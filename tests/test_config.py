@@ -158,6 +158,11 @@ def test_set_overrides_and_file_loading(tmp_path):
     ({"training__batch_size": 3, "training__grad_accum": 2}, r"batch_size 3 is not divisible by grad_accum 2"),
     ({"training__batch_size": 6, "training__grad_accum": 2, "workflow": {"gpus": {"train": 2}}},
      r"batch_size 6 is not divisible by grad_accum 2 x workflow.gpus.train 2 \(one process per GPU\)"),
+    ({"training__batch_size": 12, "training__micro_batch_size": 5},
+     r"conditions.full: training.batch_size 12 is not divisible by micro_batch_size 5 x 1 devices; "
+     r"micro-batches that divide it: \[1, 2, 3, 4, 6, 12\]"),
+    ({"training__batch_size": 12, "training__micro_batch_size": 2, "training__grad_accum": 3},
+     r"training.grad_accum 3 disagrees with micro_batch_size 2: batch_size 12 / \(2 x 1 devices\) = 6"),
     ({"evaluation__blimp": {"source": "generated", "revision": "main"}},
      r"evaluation.blimp.revision: 'main' is for a hub source \(nyu-mll/blimp or hf:<dataset id>\); the source is 'generated'"),
     ({"data__corpus": {"source": "hf", "hf": [{"path": "org/d", "revision": 3}]}},
@@ -181,7 +186,7 @@ def test_unknown_run_and_missing_file(tmp_path):
         load_study(tmp_path / "bad.yaml")
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "workflow/studies/paper.yaml"])
+@pytest.mark.parametrize("name", ["config.yaml", "workflow/studies/paper.yaml", "workflow/studies/ablations.yaml"])
 def test_shipped_studies_load(repo, name):
     s = load_study(repo / name)
     for size, condition, seed in runs(s):
@@ -342,3 +347,90 @@ def test_condition_sizes_and_seeds_must_be_the_studys(field, value, message):
     config["conditions"]["relora"][field] = value
     with pytest.raises(ConfigError, match=message):
         load_study(config)
+
+
+@pytest.mark.parametrize("training, devices, expected", [
+    ({"batch_size": 12}, 1, (12, 1)),
+    ({"batch_size": 12, "grad_accum": 3}, 1, (4, 3)),
+    ({"batch_size": 12, "grad_accum": 3}, 2, (2, 3)),
+    ({"batch_size": 12, "micro_batch_size": 2}, 1, (2, 6)),
+    ({"batch_size": 12, "micro_batch_size": 2}, 3, (2, 2)),
+    ({"batch_size": 12, "micro_batch_size": 2, "grad_accum": 2}, 3, (2, 2)),
+])
+def test_micro_batch_and_accumulation_multiply_to_the_batch(training, devices, expected):
+    from relora.config import micro_batch_and_accumulation
+
+    micro, accum = micro_batch_and_accumulation(training, devices)
+    assert (micro, accum) == expected and micro * accum * devices == training["batch_size"]
+
+
+def gpu_study(**workflow):
+    """A study whose runs need GiBs: seq 2048, d 384, batch 64 on one GPU."""
+    return study(data__seq_len=2048, sizes__tiny={"d_model": 384, "n_layers": 12, "n_heads": 12, "n_kv_heads": 4},
+                 training__batch_size=64, training__device="cuda", training__precision="bf16",
+                 conditions__relora__rank=16, conditions__relora__alpha=32, workflow=workflow)
+
+
+def test_a_run_over_the_gpu_memory_names_itself_and_a_micro_batch_that_fits():
+    from relora.memory import GIB, training_memory
+
+    with pytest.raises(ConfigError, match=r"bad.yaml: conditions.full: size 'tiny' needs an estimated (\d+\.\d) GiB "
+                       r"of GPU memory at micro_batch_size 64, more than 90% of workflow.gpu_mem_gb 40 "
+                       r"\(relora/memory.py\); micro_batch_size 32 fits; with training.activation_checkpointing: "
+                       r"true, micro_batch_size 64 fits") as error:
+        load_study(gpu_study(gpu_mem_gb=40), source="bad.yaml")
+    s = load_study(gpu_study(gpu_mem_gb=40), ["training.micro_batch_size=32"])
+    run = resolve_run(s, "tiny", "full", 0)
+    from relora.model_config import ModelConfig
+    full_64 = training_memory(ModelConfig(**run["model"]), 64, run["method"], "bf16")["peak"]
+    assert error.match(f"{full_64 / GIB:.1f} GiB")
+    # not checked without a GPU size, on CPU, or with no GPU for training
+    load_study(gpu_study())
+    load_study(gpu_study(gpu_mem_gb=40), ["training.device=cpu"])
+    load_study(gpu_study(gpu_mem_gb=40, gpus={"train": 0}))
+    load_study(gpu_study(gpu_mem_gb=40), ["training.activation_checkpointing=true"])
+
+
+def test_memory_settings_do_not_change_the_trajectory_hash():
+    s = load_study(study(training__batch_size=12))
+    run = resolve_run(s, "tiny", "relora", 0)
+    for change in (["training.micro_batch_size=3"], ["training.activation_checkpointing=true"]):
+        other = resolve_run(load_study(study(training__batch_size=12), change), "tiny", "relora", 0)
+        assert run_config_hash(other) == run_config_hash(run) and other != run
+
+
+def _differences(a, b, path=()):
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {d for key in a.keys() | b.keys() for d in _differences(a.get(key), b.get(key), path + (key,))}
+    return set() if a == b else {".".join(path)}
+
+
+@pytest.mark.parametrize("condition, control, expected", [
+    # each ablation against its base changes what its description says, and a control makes the
+    # second change alone
+    ("lora", "lora-cosine", {"training.schedule.name", "training.schedule.warmup", "training.schedule.min_ratio"}),
+    ("lora-cosine", "relora", {"method.reset_every", "method.optimizer_reset.mode", "method.optimizer_reset.ratio",
+                               "method.optimizer_reset.masks", "training.schedule.name",
+                               "training.schedule.reset_every", "training.schedule.restart_warmup", "steps.merge"}),
+    ("warmup-1000", "relora", {"training.schedule.warmup"}),
+    ("reset-1000", "warmup-1000", {"method.reset_every", "training.schedule.reset_every", "steps.merge"}),
+    ("reset-4000", "relora", {"method.reset_every", "training.schedule.reset_every", "steps.merge"}),
+])
+def test_ablation_controls_change_one_thing(repo, condition, control, expected):
+    s = load_study(repo / "workflow/studies/ablations.yaml")
+    a, b = (resolve_run(s, "small", c, 0) for c in (condition, control))
+    differences = {d for d in _differences(a, b) if d not in ("condition", "steps.checkpoint", "steps.analysis",
+                                                              "steps.evaluation")}
+    assert differences == expected
+    assert s["conditions"][condition]["description"] and s["conditions"][control].get("description")
+
+
+@pytest.mark.parametrize("name", ["paper", "ablations"])
+def test_gpu_studies_fit_80_gb(repo, name):
+    s = load_study(repo / f"workflow/studies/{name}.yaml")
+    assert s["workflow"]["gpu_mem_gb"] == 80 and s["training"]["micro_batch_size"] == 64
+    # the former 256-sequence passes (the paper's 1024 in 4, the ablations' 256 in 1) do not fit
+    accumulation = 4 if name == "paper" else 1
+    with pytest.raises(ConfigError, match="at micro_batch_size 256, .* micro_batch_size 64 fits"):
+        load_study(repo / f"workflow/studies/{name}.yaml",
+                   ["training.micro_batch_size=null", f"training.grad_accum={accumulation}"])

@@ -69,9 +69,10 @@ def test_describe_prints_both_values(tmp_path, capsys):
     assert main(["describe", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     header = out.splitlines()[0].split()
-    assert header[-3:] == ["lr_after_merge", "paper_lr_after_merge", "lr_after_merge_over_paper"]
+    lr = header.index("lr_after_merge")
+    assert header[lr:lr + 3] == ["lr_after_merge", "paper_lr_after_merge", "lr_after_merge_over_paper"]
     relora = next(line.split() for line in out.splitlines() if " relora " in line)
-    assert float(relora[-2]) == pytest.approx(paper_lr_after_merge(), rel=1e-3)
+    assert float(relora[lr + 1]) == pytest.approx(paper_lr_after_merge(), rel=1e-3)
 
 
 def test_checkpoints_disk_use_and_evaluation_cost_follow_from_the_steps():
@@ -131,3 +132,22 @@ def test_describe_counts_the_papers_analysed_steps():
     """paper.yaml: 0, 2000, ..., 20000 and 2101, ..., 18101 (after each restart warmup)."""
     rows = describe_study(load_study(PAPER_STUDY))
     assert {r["n_analyses"] for r in rows} == {11 + 9}
+
+
+def test_describe_prints_micro_batch_accumulation_and_memory(tmp_path, capsys):
+    import yaml
+
+    from relora.memory import GIB, training_memory
+    from relora.model_config import ModelConfig
+
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({**study(), "workflow": {"gpus": {"train": 2}}}))
+    assert main(["describe", "--config", str(path), "--set", "training.micro_batch_size=1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[0].split()
+    relora = next(line.split() for line in lines if " relora " in line)
+    run = resolve_run(load_study(study()), "tiny", "relora", 0)
+    peak = training_memory(ModelConfig(**run["model"]), 1, run["method"], "fp32")["peak"]
+    # batch 4 over 2 GPUs, one sequence per pass: 2 passes per update
+    assert [relora[header.index(c)] for c in ("micro_batch_size", "grad_accum")] == ["1", "2"]
+    assert float(relora[header.index("gpu_memory_gib")]) == pytest.approx(peak / GIB, rel=1e-3)

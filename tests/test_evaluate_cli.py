@@ -344,3 +344,21 @@ def test_evaluate_records_the_conventions_it_used(tmp_path, own_data_dir):
     assert truncated["bytes"] == 3 * 4 + int(lengths[docs[1][1:32]].sum())  # the cut document recounted
     assert truncated["nll"] < sliding["nll"]
     assert {r["first_token"] for r in pq.read_table(run_dir / "blimp.parquet").to_pylist()} == {"unscored"}
+
+
+def test_evaluation_scores_with_the_kernels_the_run_trained_with(tmp_path):
+    import torch
+
+    from relora.commands.evaluate import _use_training_kernels
+    from relora.model import KERNELS
+
+    chosen = {"attention": "small_head", "rope": "real", "lm_head_chunk_logits": 2**20}
+    _use_training_kernels({"kernels": chosen, "device": "cpu"}, torch.device("cpu"), tmp_path / "run.json")
+    assert {k: KERNELS[k] for k in chosen} == chosen
+    # trained on another kind of device: its measurement says nothing about this one
+    _use_training_kernels({"kernels": {"attention": "sdpa"}, "device": "cuda:0"}, torch.device("cpu"),
+                          tmp_path / "run.json")
+    assert KERNELS["attention"] == "small_head"
+    with pytest.raises(ValueError, match=r"run.json: kernel attention: 'fast'"):
+        _use_training_kernels({"kernels": {"attention": "fast"}, "device": "cpu"}, torch.device("cpu"),
+                              tmp_path / "run.json")

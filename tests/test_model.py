@@ -5,8 +5,8 @@ import torch.nn.functional as F
 import relora.model as model_module
 from relora.config import load_schema, load_study, model_config
 from relora.lora import lora_modules, wrap_with_lora
-from relora.model import (ModelConfig, PicoDecoder, SmallHeadCausalAttention, apply_rope, count_parameters, rope_real,
-                          rope_tables)
+from relora.model import (ModelConfig, PicoDecoder, SmallHeadCausalAttention, apply_rope, count_parameters,
+                          rope_complex, rope_real, rope_tables)
 from relora.model_config import (LINEAR_MODULES, LINEAR_PARENTS, model_flops_per_token, n_parameters, pad_vocab,
                                  relora_flops_per_token)
 
@@ -130,7 +130,7 @@ def test_rope_rotates_adjacent_pairs_by_position():
         torch.testing.assert_close(y[t, 2:], torch.tensor([torch.cos(torch.tensor(t / 100)), torch.sin(torch.tensor(t / 100))]))
 
 
-@pytest.mark.parametrize("rope", [apply_rope, rope_real])  # eager (complex) and compiled (real) forms
+@pytest.mark.parametrize("rope", [rope_complex, rope_real, apply_rope])  # both kernels, and the chosen one
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rope_equals_the_pairwise_rotation_formula(rope, dtype):
     torch.manual_seed(0)
@@ -141,6 +141,37 @@ def test_rope_equals_the_pairwise_rotation_formula(rope, dtype):
     y = rope(x, cos, sin)
     assert y.dtype == dtype
     torch.testing.assert_close(y, expected.to(dtype))
+
+
+def use_kernels(monkeypatch, **kernels):
+    """Switch the model's kernels for one test (relora.model.KERNELS, restored afterwards)."""
+    for name, value in kernels.items():
+        monkeypatch.setitem(model_module.KERNELS, name, value)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_model_gives_the_same_loss_and_gradients_whichever_kernels_run(monkeypatch, precision):
+    """Every combination of the kernels relora.autotune chooses between computes the same loss
+    and gradients up to rounding: a choice made by measurement never changes a result."""
+    import itertools
+
+    torch.manual_seed(0)
+    model = PicoDecoder(small_config()).train()  # head size 4
+    idx = torch.randint(0, 128, (3, 13))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    results = {}
+    names = list(model_module.KERNEL_CHOICES)
+    for combination in itertools.product(*(model_module.KERNEL_CHOICES[n] for n in names)):
+        use_kernels(monkeypatch, **dict(zip(names, combination)))
+        with autocast:
+            results[combination] = _loss_and_grads(model, idx[:, :-1], idx[:, 1:])
+    (first, (loss0, grads0)), *others = results.items()
+    tolerance = {"rtol": 1e-4, "atol": 1e-6} if precision == "fp32" else {"rtol": 0.1, "atol": 2e-3}
+    for combination, (loss, grads) in others:
+        torch.testing.assert_close(loss, loss0, **({"rtol": 1e-2, "atol": 1e-2} if precision == "bf16" else {}),
+                                   msg=f"{combination} vs {first}")
+        for name in grads:
+            torch.testing.assert_close(grads[name], grads0[name], **tolerance, msg=f"{name}: {combination}")
 
 
 def test_gqa_equals_explicit_kv_repeat():
@@ -174,7 +205,7 @@ def _loss_and_grads(model, idx, targets):
 @pytest.mark.parametrize("chunk_logits", [None, 3 * 128])  # one chunk; 3-row chunks, the last short
 def test_fused_head_loss_and_gradients_equal_cross_entropy_on_logits(monkeypatch, chunk_logits):
     if chunk_logits:
-        monkeypatch.setitem(model_module.LM_HEAD_CHUNK_LOGITS, "cpu", chunk_logits)
+        monkeypatch.setitem(model_module.KERNELS, "lm_head_chunk_logits", chunk_logits)
     torch.manual_seed(0)
     model = PicoDecoder(small_config()).train()
     idx = torch.randint(0, 128, (2, 11))
@@ -219,10 +250,11 @@ def test_small_head_attention_equals_sdpa_with_its_gradients(monkeypatch, chunk_
 
 def test_model_with_small_head_attention_equals_model_with_sdpa(monkeypatch):
     torch.manual_seed(0)
-    model = PicoDecoder(small_config()).train()  # head size 4: the small-head path
+    model = PicoDecoder(small_config()).train()  # head size 4
     idx = torch.randint(0, 128, (3, 13))
+    use_kernels(monkeypatch, attention="small_head")
     small_loss, small_grads = _loss_and_grads(model, idx[:, :-1], idx[:, 1:])
-    monkeypatch.setattr(model_module, "SMALL_HEAD_MAX_DIM", 0)  # PyTorch's fused kernel
+    use_kernels(monkeypatch, attention="sdpa")  # PyTorch's fused kernel
     sdpa_loss, sdpa_grads = _loss_and_grads(model, idx[:, :-1], idx[:, 1:])
     torch.testing.assert_close(small_loss, sdpa_loss)
     for name in small_grads:
@@ -234,11 +266,52 @@ def test_small_head_attention_under_bf16_autocast_computes_in_fp32(monkeypatch):
     model = PicoDecoder(small_config()).train()
     idx = torch.randint(0, 128, (2, 12))
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        use_kernels(monkeypatch, attention="small_head")
         small_loss, small_grads = _loss_and_grads(model, idx[:, :-1], idx[:, 1:])
-        monkeypatch.setattr(model_module, "SMALL_HEAD_MAX_DIM", 0)
+        use_kernels(monkeypatch, attention="sdpa")
         sdpa_loss, sdpa_grads = _loss_and_grads(model, idx[:, :-1], idx[:, 1:])
     # both paths see the same bf16 q, k, v; they differ only by the kernels' own rounding
     torch.testing.assert_close(small_loss, sdpa_loss, rtol=1e-2, atol=1e-2)
     for name in small_grads:
         assert small_grads[name].dtype == torch.float32
         torch.testing.assert_close(small_grads[name], sdpa_grads[name], rtol=0.1, atol=2e-3, msg=name)
+
+
+@pytest.mark.parametrize("method", [
+    {"name": "full"},
+    {"name": "relora", "dropout": 0.1, "dropout_mask": "per_adapter"},
+    {"name": "relora", "dropout": 0.1, "dropout_mask": "shared"},
+])
+@pytest.mark.parametrize("head_dim", [4, 16])  # the CPU's small-head attention and SDPA
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(method, head_dim):
+    """Recomputing each block in the backward (dropout masks included: the RNG state is restored)
+    changes neither the loss nor any gradient."""
+    config = small_config(d_model=6 * head_dim, n_heads=6, n_kv_heads=2, ffn_hidden=4 * 6 * head_dim)
+    torch.manual_seed(0)
+    model = PicoDecoder(config)
+    if method["name"] == "relora":
+        wrap_with_lora(model, 2, 4, method["dropout"], list(LINEAR_MODULES), method["dropout_mask"])
+        for module in lora_modules(model):  # B = 0 would hide A's gradient
+            torch.nn.init.normal_(module.B_lora, std=0.1)
+    model.train()
+    idx = torch.randint(0, config.vocab_size, (3, config.max_seq_len + 1))
+
+    def loss_and_gradients(checkpointing):
+        model.activation_checkpointing = checkpointing
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        loss = model(idx[:, :-1], targets=idx[:, 1:])
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    loss, grads = loss_and_gradients(False)
+    loss_ckpt, grads_ckpt = loss_and_gradients(True)
+    torch.testing.assert_close(loss_ckpt, loss, rtol=1e-6, atol=1e-7)
+    assert grads_ckpt.keys() == grads.keys() and any("A_lora" in n for n in grads) == (method["name"] == "relora")
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    # a different dropout draw would change the loss: the equality above is not vacuous
+    if method["name"] == "relora":
+        model.activation_checkpointing = False
+        torch.manual_seed(2)
+        assert not torch.equal(model(idx[:, :-1], targets=idx[:, 1:]).detach(), loss)

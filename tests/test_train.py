@@ -314,3 +314,20 @@ def test_streamed_rows_train_like_a_token_file(tmp_path):
     assert (tmp_path / "run" / "run.json").exists()
     with pytest.raises(ValueError, match="the training stream ended at row 60"):
         trainer.batches.batch(16)
+
+
+def test_micro_batch_and_checkpointing_keep_the_updates(tmp_path, data_dir):
+    """micro_batch_size 2 of batch 4 is grad_accum 2, and activation checkpointing recomputes the
+    same blocks with the same dropout masks: the same losses and weights, under the same hash."""
+    reference = Trainer(resolved("relora"), data_dir, tmp_path / "a", tmp_path / "ra")
+    rows = [reference.train_step() for _ in range(6)]
+    run = resolved("relora", grad_accum=None, micro_batch_size=2, activation_checkpointing=True)
+    trainer = Trainer(run, data_dir, tmp_path / "b", tmp_path / "rb")
+    assert (trainer.micro_batch, trainer.accum) == (2, 2) and trainer.model.activation_checkpointing
+    # memory settings, not the trajectory: a run resumes under another micro-batch
+    assert trainer.hash == Trainer(resolved("relora", grad_accum=None, micro_batch_size=4), data_dir,
+                                   tmp_path / "c", tmp_path / "rc").hash
+    for row in rows:
+        assert trainer.train_step()["loss"] == pytest.approx(row["loss"], rel=1e-6)
+    for name, value in reference.model.state_dict().items():
+        torch.testing.assert_close(trainer.model.state_dict()[name], value, rtol=1e-5, atol=1e-6)

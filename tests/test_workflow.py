@@ -168,8 +168,22 @@ def test_train_resources_follow_the_study(workdir):
         blocks = [b for b in text.split("\n\n") if f"rule {rule}:" in b]
         assert blocks and all((f"gpu={gpus}" in b) if gpus is not None else ("gpu=" not in b)
                               for b in blocks), rule
+    # each train job carries its estimated peak GPU memory at its micro-batch (relora/memory.py)
+    import math
+    import re
+
+    from relora.config import resolve_run
+    from relora.memory import training_memory
+    from relora.model_config import ModelConfig
+
+    study = load_study(REPO / "workflow/studies/paper.yaml")
+    for block in train_blocks:
+        size, condition = re.search(r"size=([^,\s]+), condition=([^,\s]+)", block).groups()
+        run = resolve_run(study, size, condition, 0)
+        peak = training_memory(ModelConfig(**run["model"]), 64, run["method"], "bf16")["peak"]
+        assert f"gpu_mem_mb={math.ceil(peak / 2**20)}" in block, block
     default = snakemake(workdir, "--dry-run")
-    assert all("gpu=0" in b for b in output_of(default).split("\n\n") if "rule train:" in b)
+    assert all("gpu=0" in b and "gpu_mem_mb=0" in b for b in output_of(default).split("\n\n") if "rule train:" in b)
 
 
 def test_a_train_job_on_several_gpus_runs_torchrun(workdir, tmp_path):

@@ -84,12 +84,26 @@ def setup_run(args, kind: str):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     steps = sorted(steps)
+    _use_training_kernels(info, torch.device(device), run_json)
     if kind == "analysis" and "update" in study["analysis"].get("targets", ["update"]) and 0 not in steps:
         steps = [0, *steps]  # W_0 is needed; step 0 is always a checkpoint step
     args.checkpoints = args.checkpoints or args.run / "checkpoints"
     if args.hf_repo:
         fetch_pico_checkpoints(args.hf_repo, steps, args.checkpoints)
     return study, run, steps, torch.device(device)
+
+
+def _use_training_kernels(info: dict, device, run_json) -> None:
+    """Score with the kernels the run trained with on this kind of device (measured for this
+    model's shapes by relora.autotune); results do not depend on them beyond rounding."""
+    from ..model import set_kernels
+
+    kernels, trained_on = info.get("kernels"), str(info.get("device", ""))
+    if isinstance(kernels, dict) and trained_on.split(":")[0] == device.type:
+        try:
+            set_kernels(kernels)
+        except ValueError as e:
+            raise ValueError(f"{run_json}: {e}") from None
 
 
 def fetch_pico_checkpoints(repo: str, steps, dest: Path) -> None:

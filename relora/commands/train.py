@@ -35,7 +35,8 @@ def register(subparsers) -> None:
                     "parameters, FLOPs and optimizer state of every run of a study",
                     "Print, per size and condition of a study, the parameter counts, training FLOPs per "
                     "token (and relative to full-rank), optimizer state, tokens, merges and the learning "
-                    "rate right after the first merge; then each run's checkpoints (count and disk use) "
+                    "rate right after the first merge, the micro-batch and accumulation on each device and "
+                    "the estimated peak GPU memory; then each run's checkpoints (count and disk use) "
                     "and evaluations (count and FLOPs). Nothing is trained.")
     add_study_options(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -79,10 +80,13 @@ def run_describe(args) -> int:
         return 0
     _print_table(rows, ["size", "condition", "params_total", "params_trainable", "flops_per_token",
                         "flop_ratio_to_full", "optimizer_state_bytes", "tokens", "total_flops", "n_merges",
-                        "lr_after_merge", "paper_lr_after_merge", "lr_after_merge_over_paper"])
+                        "lr_after_merge", "paper_lr_after_merge", "lr_after_merge_over_paper",
+                        "micro_batch_size", "grad_accum", "gpu_memory_gib"])
     if any(r["lr_after_merge"] is not None for r in rows):
         print("lr_after_merge: lr * f(k) of the first update after the first merge (after update k); "
               "paper_lr_after_merge: the paper's 3e-4 * f(2001)")
+    print("micro_batch_size: sequences per forward/backward pass on each of the run's devices; grad_accum: "
+          "passes per update; gpu_memory_gib: the estimated peak GPU memory of a pass (relora/memory.py)")
     print()
     _print_table(rows, ["size", "condition", "n_checkpoints", "checkpoint_bytes", "checkpoints_disk_bytes",
                         "n_evaluations", "n_analyses", "eval_flops"])

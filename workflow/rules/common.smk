@@ -20,8 +20,10 @@ sys.path.insert(0, workflow.basedir)
 RELORA_SOURCE = shlex.quote(workflow.basedir)
 shell.prefix("export PYTHONPATH={RELORA_SOURCE}${{PYTHONPATH:+:$PYTHONPATH}}; ")
 
-from relora.config import (PUBLISHED_BLIMP_REFERENCE, ConfigError, deep_merge, load_study, resolve_run,
-                           run_config_hash, runs, typed_command_line_values)
+from relora.config import (PUBLISHED_BLIMP_REFERENCE, ConfigError, deep_merge, load_study,
+                           micro_batch_and_accumulation, resolve_run, run_config_hash, runs, training_devices,
+                           typed_command_line_values)
+from relora.memory import training_memory
 from relora.model_config import ModelConfig, model_flops_per_token, n_parameters
 
 
@@ -373,11 +375,26 @@ def get_train_mem_mb(wildcards):
     if get_train_gpus(wildcards):
         total = (16000 + 32 * params / 1e6) * get_train_gpus(wildcards)  # per process, one per GPU
     else:
-        tokens = t["batch_size"] // t["grad_accum"] * seq
+        tokens = micro_batch_and_accumulation(t, 1)[0] * seq
         activations = tokens * layers * (88 * d + 4 * m["n_heads"] * seq)
         logits = 3 * 4 * tokens * vocab
         total = 1.5 * (16 * params + activations + logits) / 1e6 + 2000
     return int(math.ceil(total / 1000) * 1000)
+
+
+def get_train_gpu_mem_mb(wildcards):
+    """GPU memory a train job needs on each of its GPUs: the estimated peak of one pass at the
+    run's micro-batch (relora/memory.py), which the resolver has checked against
+    workflow.gpu_mem_gb; 0 for a job without GPUs. A resource for the cluster profile (e.g. a
+    SLURM constraint selecting GPUs that large) and for `--resources gpu_mem_mb=...`."""
+    if not get_train_gpus(wildcards):
+        return 0
+    run = get_run(wildcards)
+    t = run["training"]
+    micro = micro_batch_and_accumulation(t, training_devices(STUDY))[0]
+    peak = training_memory(ModelConfig(**run["model"]), micro, run["method"], t["precision"],
+                           t["activation_checkpointing"])["peak"]
+    return int(math.ceil(peak / 2**20))
 
 
 def get_train_runtime(wildcards):

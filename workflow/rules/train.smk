@@ -27,6 +27,7 @@ rule train:
         mem_mb=get_train_mem_mb,
         runtime=get_train_runtime,
         gpu=get_train_gpus,
+        gpu_mem_mb=get_train_gpu_mem_mb,
     conda:
         "../../envs/train.yaml"
     shell:
