@@ -105,6 +105,15 @@ def _strict_validator(jsonschema):
 
 def _message(error) -> str:
     value = error.instance
+    if error.validator == "anyOf" and error.context:
+        # "is not valid under any of the given schemas" names no cause: give the branch's
+        # (e.g. analysis.cka: a mapping whose `rows` is not one of its values)
+        inner = [e for e in error.context if e.relative_path or e.validator != "type"]
+        if inner:
+            where = _key_path(inner[0].relative_path)
+            return inner[0].message + ("" if where == "<top level>" else f" (at {where})")
+        kinds = [e.validator_value for e in error.context]
+        return f"{value!r} is not one of the accepted types ({', '.join(map(str, kinds))})"
     if error.validator == "type" and isinstance(value, float):
         if not math.isfinite(value):
             return f"{value} is not a finite number"
@@ -528,6 +537,18 @@ def run_config_hash(run: dict) -> str:
     relevant["steps"] = {"merge": run["steps"]["merge"]}  # not the checkpoint/evaluation/analysis steps
     blob = json.dumps(relevant, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cka_settings(analysis: dict) -> dict:
+    """`analysis.cka` as {enabled, features, rows}: true or false takes the schema's default
+    features and rows, a mapping fills the keys it leaves out from them."""
+    value = analysis.get("cka", True)
+    branch = next(b for b in load_schema()["properties"]["analysis"]["properties"]["cka"]["anyOf"]
+                  if b.get("type") == "object")
+    defaults = {key: spec["default"] for key, spec in branch["properties"].items()}
+    if isinstance(value, bool):
+        return {"enabled": value, **defaults}
+    return {"enabled": True, **defaults, **value}
 
 
 def condition_sizes(study: dict, condition: str) -> list[str]:

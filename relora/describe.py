@@ -72,6 +72,7 @@ def describe_run(run: dict, eval_tokens: int | None = None, devices: int = 1) ->
         "checkpoint_bytes": checkpoint_bytes(model),
         "checkpoints_disk_bytes": len(run["steps"]["checkpoint"]) * checkpoint_bytes(model),
         "n_evaluations": len(run["steps"]["evaluation"]),
+        "n_analyses": len(run["steps"]["analysis"]),  # checkpoints `relora dynamics` analyses
         # evaluation scores the effective weights in a plain decoder: a forward pass, a third of
         # the training FLOPs per token of the full-rank model
         "eval_flops": (len(run["steps"]["evaluation"]) * eval_tokens * full_flops / 3

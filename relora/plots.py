@@ -641,12 +641,21 @@ def cka_to_final(ctx: Context):
     import altair as alt
 
     title = "Linear CKA of each block's output to the final step"
+    # one feature per figure: block outputs (the default), else SwiGLU w_2's last-token outputs
+    # (analysis.cka.features; per-head OV features stay in the table)
     data = ctx.rows("""
-        SELECT size, condition, step, layer, avg(value) AS cka, count(*) AS n_seeds
-        FROM dynamics WHERE metric = 'cka_to_final' GROUP BY size, condition, step, layer
+        WITH chosen AS (SELECT module FROM dynamics WHERE metric = 'cka_to_final' AND module IN ('block', 'w_2')
+                        ORDER BY module = 'block' DESC LIMIT 1)
+        SELECT size, condition, step, layer, avg(value) AS cka, count(*) AS n_seeds, any_value(module) AS module
+        FROM dynamics WHERE metric = 'cka_to_final' AND module = (SELECT module FROM chosen)
+        GROUP BY size, condition, step, layer
         ORDER BY size, condition, layer, step""")
     if not data:
-        return _note(title, "no CKA in this study")
+        return _note(title, "no CKA of block or w_2 outputs in this study")
+    features = ("residual stream after each block" if data[0]["module"] == "block"
+                else "SwiGLU w_2 output at each row's last token")
+    if data[0]["module"] != "block":
+        title = "Linear CKA of each block's w_2 output to the final step"
     for r in data:
         r["size"] = ctx.size_label(r["size"])
     base = alt.Chart().encode(
@@ -657,8 +666,7 @@ def cka_to_final(ctx: Context):
                       data=ctx.data(data)).properties(width=180, height=150)
     return chart.facet(column=alt.Column("condition:N", title=None, sort=ctx.conditions),
                        row=alt.Row("size:N", title=None, sort=ctx.size_labels())).properties(
-        title=alt.Title(title, subtitle="residual stream after each block on the probe batch, "
-                                        "mean over seeds; colour: block (0 = first)"))
+        title=alt.Title(title, subtitle=f"{features}, mean over seeds; colour: block (0 = first)"))
 
 
 def gap_vs_size(ctx: Context):

@@ -26,8 +26,13 @@ PROPORTIONAL_EFFECTIVE_RANK = "proportional_effective_rank"
 SPECTRUM_METRICS = (EFFECTIVE_RANK, PROPORTIONAL_EFFECTIVE_RANK, "condition_number", "numerical_rank",
                     "frobenius_norm", "spectral_norm")
 TOP_R_CONDITION_NUMBER = "condition_number_top_r"  # adapters only
+# adapters only: sigma_max / sigma_min of B A as stored, no tolerance (the paper's; rounding noise)
+RAW_CONDITION_NUMBER = "condition_number_raw"
 ADAPTER_A_METRICS = ("max_abs_over_init_bound", "entries_over_3x_bound")  # target adapter_A
-CKA_TO_FINAL = "cka_to_final"  # target activation, module block
+# target adapter_A, against the previous analysed step: was A re-drawn in between? (a possible
+# fifth quirk: resets undone by optimizer master copies)
+ADAPTER_A_RESTART_METRICS = ("adapter_A_cosine_to_previous", "adapter_A_rms_over_init", "adapter_A_restarted")
+CKA_TO_FINAL = "cka_to_final"  # target activation, module block (or w_2, head_<h>)
 
 # names of earlier versions -> the names above; a database built before is not migrated
 RENAMED_METRICS = {
@@ -142,12 +147,16 @@ DYNAMICS = _table(
     "(step, layer, module, target, metric) (relora dynamics; dynamics.parquet)",
     *RUN_KEYS, STEP,
     ("layer", "INTEGER", "decoder block, 0 = nearest the embedding"),
-    ("module", "VARCHAR", "linear module (q_proj, k_proj, v_proj, o_proj, w_0, w_1, w_2), or block for CKA"),
+    ("module", "VARCHAR", "linear module (q_proj, k_proj, v_proj, o_proj, w_0, w_1, w_2); for target ov "
+                          "head_<h> (one head's OV circuit) or all_heads (the layer's); for CKA block, w_2 "
+                          "or head_<h>"),
     ("target", "VARCHAR", "matrix analysed: weight (effective, W + scale B A), base (stored W), gradient, "
-                          "update (W_t - W_0), adapter (scale B A), adapter_A (factor A), activation (CKA)"),
+                          "update (W_t - W_0), adapter (scale B A), adapter_A (factor A), ov (OV circuit of "
+                          "the stored W_V, W_O), activation (CKA)"),
     ("metric", "VARCHAR", "effective_rank, proportional_effective_rank, condition_number, numerical_rank, "
-                          "frobenius_norm, spectral_norm, condition_number_top_r, max_abs_over_init_bound, "
-                          "entries_over_3x_bound or cka_to_final (docs/design.md, Metrics)"),
+                          "frobenius_norm, spectral_norm, condition_number_top_r, condition_number_raw, "
+                          "max_abs_over_init_bound, entries_over_3x_bound, adapter_A_cosine_to_previous, "
+                          "adapter_A_rms_over_init, adapter_A_restarted or cka_to_final (docs/design.md, Metrics)"),
     ("value", "DOUBLE", "the metric's value (NaN where undefined, e.g. the effective rank of a zero matrix)"),
     order="step, target, metric, module, layer")
 

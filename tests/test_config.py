@@ -234,6 +234,39 @@ print("resolved without torch:", run["size"], run["condition"], run["method"].ge
     assert result.stdout.startswith("resolved without torch: small relora")
 
 
+def test_paper_study_analyses_relora_after_each_restart_warmup(repo):
+    """The paper's ReLoRA points 2100, ..., 18100 (its merge at its step 2000 is update 2001
+    here): merge + restart_warmup; full-rank at every 2000 steps and, as the control, there too."""
+    s = load_study(repo / "workflow/studies/paper.yaml")
+    relora, full = resolve_run(s, "tiny", "relora", 0), resolve_run(s, "tiny", "full", 0)
+    after_restart = set(range(2101, 20000, 2000))
+    every = set(range(0, 20001, 2000))
+    assert set(relora["steps"]["analysis"]) == every | after_restart
+    assert set(full["steps"]["analysis"]) == every | after_restart
+    assert max(after_restart) == 18101 and relora["training"]["steps"] == full["training"]["steps"] == 20000
+    assert set(relora["steps"]["analysis"]) <= set(relora["steps"]["checkpoint"])
+    assert "ov" in s["analysis"]["targets"] and "base" in s["analysis"]["targets"]
+
+
+def test_cka_settings_from_a_boolean_or_a_mapping():
+    from relora.config import cka_settings
+
+    default = load_study(study())
+    assert cka_settings(default["analysis"]) == {"enabled": True, "features": ["block_output"], "rows": "probe"}
+    assert cka_settings(load_study(study(analysis={"cka": False}))["analysis"])["enabled"] is False
+    chosen = load_study(study(analysis={"cka": {"rows": "eval"}}))
+    assert cka_settings(chosen["analysis"]) == {"enabled": True, "features": ["block_output"], "rows": "eval"}
+    both = load_study(study(analysis={"cka": {"features": ["w2_last_token", "ov_last_token"]}}))
+    assert cka_settings(both["analysis"])["features"] == ["w2_last_token", "ov_last_token"]
+
+
+@pytest.mark.parametrize("bad", [{"features": ["last_token"]}, {"rows": "train"}, {"enabled": True}, "yes",
+                                 {"features": "w2_last_token"}])
+def test_bad_cka_settings_name_the_key(bad):
+    with pytest.raises(ConfigError, match=r"analysis\.cka"):
+        load_study(study(analysis={"cka": bad}))
+
+
 def test_evaluation_schedule_steps_follow_the_formula():
     from relora.config import cadence_steps
 

@@ -89,6 +89,7 @@ def test_checkpoints_disk_use_and_evaluation_cost_follow_from_the_steps():
     for name, run in (("full", full_run), ("relora", relora_run)):
         row = rows[name]
         assert row["n_checkpoints"] == len(run["steps"]["checkpoint"])
+        assert row["n_analyses"] == len(run["steps"]["analysis"])
         # fp32 state: every parameter, the adapters' A (rank x in) and B (out x rank) included
         assert row["checkpoint_bytes"] == 4 * row["params_total"]
         assert row["checkpoints_disk_bytes"] == row["n_checkpoints"] * row["checkpoint_bytes"]
@@ -116,14 +117,21 @@ def test_describe_prints_checkpoints_and_evaluation_cost(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     header = next(line.split() for line in lines if "n_checkpoints" in line)
     assert header == ["size", "condition", "n_checkpoints", "checkpoint_bytes", "checkpoints_disk_bytes",
-                      "n_evaluations", "eval_flops"]
+                      "n_evaluations", "n_analyses", "eval_flops"]
     s = load_study(yaml.safe_load(path.read_text()))
     row = describe_study(s, 1000)[1]
     relora = [line.split() for line in lines[lines.index(next(x for x in lines if "n_checkpoints" in x)):]
               if " relora " in line][0]
     assert relora[2:6] == [f"{row['n_checkpoints']:,}", f"{row['checkpoint_bytes']:,}",
                            f"{row['checkpoints_disk_bytes']:,}", f"{row['n_evaluations']:,}"]
-    assert float(relora[6]) == pytest.approx(row["eval_flops"], rel=1e-3)
+    assert relora[6] == f"{row['n_analyses']:,}"
+    assert float(relora[7]) == pytest.approx(row["eval_flops"], rel=1e-3)
+
+
+def test_describe_counts_the_papers_analysed_steps():
+    """paper.yaml: 0, 2000, ..., 20000 and 2101, ..., 18101 (after each restart warmup)."""
+    rows = describe_study(load_study(PAPER_STUDY))
+    assert {r["n_analyses"] for r in rows} == {11 + 9}
 
 
 def test_describe_prints_micro_batch_accumulation_and_memory(tmp_path, capsys):

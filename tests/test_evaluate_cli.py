@@ -44,6 +44,11 @@ def data_dir(tmp_path, blimp_dir):
     sentences = [s for rows in lines.values() for r in rows for s in (json.loads(r)["sentence_good"],
                                                                        json.loads(r)["sentence_bad"])]
     train_tokenizer(sentences).save(str(data / "tokenizer.json"))
+    write_eval_and_probe(data)
+    return data
+
+
+def write_eval_and_probe(data: Path) -> None:
     rng = np.random.default_rng(0)
     for domain, lengths in {"wiki": [5, 50, 12, 1], "code": [31, 33]}.items():
         docs = [rng.integers(0, 120, n).tolist() for n in lengths]
@@ -51,6 +56,14 @@ def data_dir(tmp_path, blimp_dir):
                                  "tokens": pa.array(docs, pa.list_(pa.int32())),
                                  "n_bytes": [3 * max(n - 1, 0) for n in lengths]}), data / "eval" / f"{domain}.parquet")
     np.save(data / "probe.npy", rng.integers(0, 120, (2, 33)))
+
+
+@pytest.fixture
+def analysis_data_dir(tmp_path):
+    """What `relora dynamics` reads: eval/ and probe.npy."""
+    data = tmp_path / "data"
+    (data / "eval").mkdir(parents=True)
+    write_eval_and_probe(data)
     return data
 
 
@@ -251,6 +264,44 @@ def test_hf_repo_downloads_the_missing_steps(tmp_path, data_dir, monkeypatch):
 
     shutil.rmtree(run_dir / "checkpoints" / "step_4")
     assert main(["dynamics", *args]) == 3
+
+
+def test_dynamics_with_the_papers_conventions(tmp_path, analysis_data_dir):
+    """OV target, last-token CKA of w_2 and the OV heads over the evaluation documents (each cut
+    to the context), and the adapter restart rows; no probe batch is read when neither the
+    gradient target nor probe rows are asked for."""
+    config_path, run_dir, run = make_run(tmp_path, "relora")
+    (analysis_data_dir / "probe.npy").unlink()
+    args = ["--config", str(config_path), "--data", str(analysis_data_dir), "--run", str(run_dir), "--threads", "1",
+            "--set", "analysis.targets=[base, adapter, adapter_A, ov]",
+            "--set", "analysis.cka={features: [w2_last_token, ov_last_token], rows: eval}"]
+    assert main(["dynamics", *args]) == 0
+    dyn = pq.read_table(run_dir / "dynamics.parquet").to_pylist()
+    assert {r["target"] for r in dyn} == {"base", "adapter", "adapter_A", "ov", "activation"}
+    ov_modules = {r["module"] for r in dyn if r["target"] == "ov"}
+    assert ov_modules == {f"head_{h}" for h in range(6)} | {"all_heads"}
+    head_rank = [r["value"] for r in dyn if r["target"] == "ov" and r["module"] == "head_0"
+                 and r["metric"] == "numerical_rank"]
+    assert head_rank and max(head_rank) <= 4  # hd = 24 / 6
+    cka = [r for r in dyn if r["metric"] == "cka_to_final"]
+    assert {r["module"] for r in cka} == {"w_2"} | {f"head_{h}" for h in range(6)}
+    assert len(cka) == 3 * 2 * 7  # steps 0, 2, 4 x layers x (w_2 + 6 heads)
+    assert [r["value"] for r in cka if r["step"] == 4] == pytest.approx([1.0] * 14)
+    assert all(-1e-9 <= r["value"] <= 1 + 1e-9 for r in cka)
+    raw = [r for r in dyn if r["metric"] == "condition_number_raw"]
+    assert len(raw) == 3 * 2 * 7 and all(r["target"] == "adapter" for r in raw)
+    restarted = [r for r in dyn if r["metric"] == "adapter_A_restarted"]
+    assert {r["step"] for r in restarted} == {2, 4}  # against steps 0 and 2
+    # every checkpoint of this run holds an independent draw of A: each counts as re-drawn
+    assert {r["value"] for r in restarted} == {1.0}
+    # the rows: every document of every domain (in name order), cut to the context of 32 tokens
+    from relora.commands.dynamics import eval_rows
+
+    assert [len(r) for r in eval_rows(analysis_data_dir, 32, 120)] == [31, 32, 5, 32, 12, 1]
+    with pytest.raises(ValueError, match="outside the run's vocabulary"):
+        eval_rows(analysis_data_dir, 32, 100)
+    # the gradient target still needs the probe batch, and says so
+    assert main(["dynamics", *args, "--set", "analysis.targets=[gradient]"]) == 3
 
 
 @pytest.fixture

@@ -95,10 +95,23 @@ def test_dynamics_around_merges_base_and_adapter_entries(e2e_study):
                                   "GROUP BY condition").fetchall())
         assert targets["full"] == ["activation", "base", "gradient", "update", "weight"]
         assert targets["relora"] == ["activation", "adapter", "adapter_A", "base", "gradient", "update", "weight"]
-        # 14 adapters per run and step, each with both adapter_A metrics, all finite
+        # 14 adapters per run and step, each with both adapter_A entry metrics, all finite
         n, finite = db.execute("SELECT count(*), count(*) FILTER (WHERE isfinite(value)) FROM dynamics "
-                               "WHERE target = 'adapter_A' AND condition = 'relora'").fetchone()
+                               "WHERE target = 'adapter_A' AND condition = 'relora' AND metric IN "
+                               "('max_abs_over_init_bound', 'entries_over_3x_bound')").fetchone()
         assert n == finite == len(e2e_study.study["seeds"]) * 6 * 14 * 2
+        # A against A at the previous analysed step: re-drawn exactly when a merge lies between
+        restarted = db.execute("""
+            SELECT d.seed, d.step, min(d.value), max(d.value) FROM dynamics d
+            WHERE d.condition = 'relora' AND d.metric = 'adapter_A_restarted' GROUP BY ALL""").fetchall()
+        merges = {(seed, step) for seed, step in db.execute(
+            "SELECT seed, step FROM train_metrics WHERE condition = 'relora' AND merged").fetchall()}
+        analysed = [0, 4, 6, 8, 10, 12]
+        assert len(restarted) == len(e2e_study.study["seeds"]) * 5
+        for seed, step, low, high in restarted:
+            previous = analysed[analysed.index(step) - 1]
+            expected = float(any((seed, m) in merges for m in range(previous + 1, step + 1)))
+            assert low == high == expected, (seed, step, low, high)
     for name in ("rank_around_merges", "adapter_a_outliers"):
         assert (e2e_study.results / "figures" / f"{name}.png").is_file()
 

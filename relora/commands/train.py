@@ -89,7 +89,7 @@ def run_describe(args) -> int:
           "passes per update; gpu_memory_gib: the estimated peak GPU memory of a pass (relora/memory.py)")
     print()
     _print_table(rows, ["size", "condition", "n_checkpoints", "checkpoint_bytes", "checkpoints_disk_bytes",
-                        "n_evaluations", "eval_flops"])
+                        "n_evaluations", "n_analyses", "eval_flops"])
     print("checkpoints_disk_bytes: n_checkpoints x checkpoint_bytes (state dict with adapters, stored dtype); "
           "eval_flops: n_evaluations x --eval-tokens x forward FLOPs per token"
           + ("" if args.eval_tokens is not None else " (give --eval-tokens)"))

@@ -2,6 +2,12 @@
 # effective rank, PER, condition number) of weights, probe gradients, updates and adapters, and
 # CKA of each block's output to the final step.
 
+from relora.config import cka_settings
+
+_CKA = cka_settings(STUDY["analysis"])
+# CKA over the evaluation documents (analysis.cka.rows: eval) reads data/eval/ as well
+DYNAMICS_EVAL = [f"{DATA}/eval"] if _CKA["enabled"] and _CKA["rows"] == "eval" else []
+
 
 rule dynamics:
     input:
@@ -9,6 +15,7 @@ rule dynamics:
         run=f"{RUN}/run.json",
         checkpoints=f"{RUN}/checkpoints",
         probe=f"{DATA}/probe.npy",
+        eval=DYNAMICS_EVAL,
     output:
         dynamics=f"{RUN}/dynamics.parquet",
     log:
