@@ -73,6 +73,8 @@ def describe_run(run: dict, eval_tokens: int | None = None, devices: int = 1) ->
         "checkpoints_disk_bytes": len(run["steps"]["checkpoint"]) * checkpoint_bytes(model),
         "n_evaluations": len(run["steps"]["evaluation"]),
         "n_analyses": len(run["steps"]["analysis"]),  # checkpoints `relora dynamics` analyses
+        "evaluation_steps": run["steps"]["evaluation"],
+        "analysis_steps": run["steps"]["analysis"],
         # evaluation scores the effective weights in a plain decoder: a forward pass, a third of
         # the training FLOPs per token of the full-rank model
         "eval_flops": (len(run["steps"]["evaluation"]) * eval_tokens * full_flops / 3
@@ -101,3 +103,21 @@ def describe_study(study: dict, eval_tokens: int | None = None) -> list[dict]:
         first.setdefault((size, condition), seed)
     return [describe_run(resolve_run(study, size, condition, seed), eval_tokens, devices)
             for (size, condition), seed in first.items()]
+
+
+def compact_steps(steps: list[int]) -> str:
+    """Sorted steps as runs of a common stride: [0, 50, 100, 150, 2100] -> '0..150/50, 2100'.
+    A run needs at least three steps; the text lists every step exactly once."""
+    parts, i = [], 0
+    while i < len(steps):
+        j = i + 1
+        if j + 1 < len(steps) and steps[j] - steps[i] == steps[j + 1] - steps[j]:
+            stride = steps[j] - steps[i]
+            while j + 1 < len(steps) and steps[j + 1] - steps[j] == stride:
+                j += 1
+            parts.append(f"{steps[i]}..{steps[j]}/{stride}")
+            i = j + 1
+        else:
+            parts.append(str(steps[i]))
+            i += 1
+    return ", ".join(parts)

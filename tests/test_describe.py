@@ -151,3 +151,38 @@ def test_describe_prints_micro_batch_accumulation_and_memory(tmp_path, capsys):
     # batch 4 over 2 GPUs, one sequence per pass: 2 passes per update
     assert [relora[header.index(c)] for c in ("micro_batch_size", "grad_accum")] == ["1", "2"]
     assert float(relora[header.index("gpu_memory_gib")]) == pytest.approx(peak / GIB, rel=1e-3)
+
+
+@pytest.mark.parametrize("steps, text", [
+    ([0, 50, 100, 150, 2100], "0..150/50, 2100"),
+    ([0, 20, 40, 41, 42, 44, 80, 81, 200], "0..40/20, 41, 42, 44, 80, 81, 200"),
+    ([0, 200], "0, 200"),
+    ([], ""),
+])
+def test_compact_steps_lists_every_step_once(steps, text):
+    from relora.describe import compact_steps
+
+    assert compact_steps(steps) == text
+    expanded = []
+    for part in filter(None, text.split(", ")):
+        if ".." in part:
+            first, rest = part.split("..")
+            last, stride = rest.split("/")
+            expanded += range(int(first), int(last) + 1, int(stride))
+        else:
+            expanded.append(int(part))
+    assert expanded == steps
+
+
+def test_describe_prints_each_runs_evaluation_and_analysis_steps(capsys, repo):
+    from relora.describe import compact_steps
+
+    assert main(["describe", "--config", str(repo / "workflow/studies/paper.yaml")]) == 0
+    out = capsys.readouterr().out
+    s = load_study(repo / "workflow/studies/paper.yaml")
+    for condition in ("full", "relora"):
+        run = resolve_run(s, "small", condition, 0)
+        block = out[out.index(f"small {condition}\n"):]
+        assert block.splitlines()[1] == f"  evaluated at: {compact_steps(run['steps']['evaluation'])}"
+        assert block.splitlines()[2] == f"  analysed at:  {compact_steps(run['steps']['analysis'])}"
+    assert "  evaluated at: 0..2000/50, 2100..20000/100" in out  # the paper's ReLoRA cadence

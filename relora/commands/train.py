@@ -71,7 +71,7 @@ def run_train(args) -> int:
 
 def run_describe(args) -> int:
     from ..config import load_study
-    from ..describe import describe_study
+    from ..describe import compact_steps, describe_study
 
     rows = describe_study(load_study(args.config, args.overrides), args.eval_tokens)
     if args.json:
@@ -93,6 +93,11 @@ def run_describe(args) -> int:
     print("checkpoints_disk_bytes: n_checkpoints x checkpoint_bytes (state dict with adapters, stored dtype); "
           "eval_flops: n_evaluations x --eval-tokens x forward FLOPs per token"
           + ("" if args.eval_tokens is not None else " (give --eval-tokens)"))
+    print()
+    for r in rows:
+        print(f"{r['size']} {r['condition']}\n  evaluated at: {compact_steps(r['evaluation_steps'])}"
+              f"\n  analysed at:  {compact_steps(r['analysis_steps'])}")
+    print("a..b/s: every s-th step from a to b")
     return 0
 
 
