@@ -91,8 +91,10 @@ class Context:
     def color(self, field: str = "condition", title: str = "condition", legend: bool = True):
         import altair as alt
 
-        colors = [REFERENCE_COLOR if c == self.reference else PALETTE[i % len(PALETTE)]
-                  for i, c in enumerate(self.conditions)]
+        # the palette's colours go to the other conditions in order, so that the first two
+        # (e.g. relora-paper and relora) get its two most distinct hues, blue and orange
+        others = iter(PALETTE * (1 + len(self.conditions) // len(PALETTE)))
+        colors = [REFERENCE_COLOR if c == self.reference else next(others) for c in self.conditions]
         return alt.Color(f"{field}:N", title=title, legend=alt.Undefined if legend else None,
                          scale=alt.Scale(domain=self.conditions, range=colors))
 

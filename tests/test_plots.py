@@ -190,3 +190,18 @@ def test_around_merge_and_adapter_a_figures_carry_their_data(db):
     # entries above 3x, summed over the adapters of a step: (1 + 2) layers-weighted x 7 modules
     assert {r["entries_over_3x"] for r in runs if r["condition"] == "relora-paper" and r["step"] > 100} == {21}
     assert sorted(r["value"] for r in outliers if r["kind"] == "bound") == [1.0, 1.0, 3.0, 3.0]  # per size
+
+
+def test_the_reference_is_dark_and_the_other_conditions_take_the_palette_in_order():
+    from relora import plots
+
+    ctx = plots.Context.__new__(plots.Context)  # only the colour scale: no database needed
+    ctx.reference = "full"
+    ctx.conditions = ["full", "relora-paper", "relora", *[f"c{i}" for i in range(len(plots.PALETTE))]]
+    scale = ctx.color().to_dict()["scale"]
+    assert scale["domain"] == ctx.conditions
+    colors = scale["range"]
+    assert colors[0] == plots.REFERENCE_COLOR
+    assert colors[1:3] == plots.PALETTE[:2]  # the two conditions the default study compares: blue, orange
+    assert colors[1:len(plots.PALETTE) + 1] == plots.PALETTE  # every colour once before any repeats
+    assert plots.REFERENCE_COLOR not in colors[1:]
