@@ -22,6 +22,20 @@ PARADIGM_T, WILCOXON, PAPER_Z = ("paired_t_paradigms", "wilcoxon_signed_rank",
 TEST_ROLES = {PARADIGM_T: "headline", WILCOXON: "check", PAPER_Z: "paper (anti-conservative)"}
 
 
+
+def paired_with_reference(groups: dict, reference: str):
+    """For each (size, condition, what) group of {seed: value} other than the reference's: the
+    group, the reference's group of the same size and `what`, and the seeds both have, sorted.
+    Every comparison with the reference pairs runs by seed (a seed fixes the data order)."""
+    for key, by_seed in groups.items():
+        size, condition, what = key
+        ref = groups.get((size, reference, what))
+        if condition == reference or not ref:
+            continue
+        seeds = sorted(set(by_seed) & set(ref))
+        if seeds:
+            yield key, by_seed, ref, seeds
+
 def t_interval(values, confidence: float = 0.95) -> tuple[float, float, float, float]:
     """(mean, std, ci_low, ci_high) of a sample: the Student t-interval of the mean; NaN std
     and interval for fewer than two values."""
@@ -109,13 +123,7 @@ def add_statistics(con, reference: str, confidence: float,
     pooled = {(r["size"], r["condition"], r["metric"], r["test"]): r
               for r in blimp_tests if r["seed"] is None}
     gap = []
-    for (size, condition, metric), by_seed in groups.items():
-        ref = groups.get((size, reference, metric))
-        if condition == reference or not ref:
-            continue
-        seeds = sorted(set(by_seed) & set(ref))
-        if not seeds:
-            continue
+    for (size, condition, metric), by_seed, ref, seeds in paired_with_reference(groups, reference):
         cond_values = [by_seed[s][0] for s in seeds]
         ref_values = [ref[s][0] for s in seeds]
         diffs = [a - b for a, b in zip(cond_values, ref_values)]
@@ -184,13 +192,8 @@ def blimp_test_rows(con, reference: str, confidence: float = 0.95,
         entry[1][uid] = (phenomenon, pairs, accuracy)
 
     out = []
-    for (size, condition, src), by_seed in sorted(runs.items()):
-        ref = runs.get((size, reference, src))
-        if condition == reference or not ref:
-            continue
-        seeds = sorted(set(by_seed) & set(ref))
-        if not seeds:
-            continue
+    for (size, condition, src), by_seed, ref, seeds in paired_with_reference(dict(sorted(runs.items())),
+                                                                             reference):
         common = {s: set(by_seed[s][1]) & set(ref[s][1]) for s in seeds}
         phenomena = sorted({by_seed[s][1][u][0] for s in seeds for u in common[s]} - {None})
         scopes = [(f"blimp{src}", lambda uid, paradigm: True)]
