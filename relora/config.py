@@ -206,10 +206,11 @@ def load_study(config, overrides: list[str] | None = None, source: str | None = 
         raise ConfigError(f"{source}: a study config must be a mapping, got {type(study).__name__}")
     study = apply_overrides(study, overrides or [])
     validate_schema(study, source)
-    reference = (study.get("analysis") or {}).get("reference_condition")  # before the default
-    if reference is not None and reference not in study["conditions"]:
-        raise ConfigError(f"{source}: analysis.reference_condition: '{reference}' is not a condition of the "
-                          f"study (conditions: {', '.join(study['conditions'])})")
+    for key in ("reference_condition", "ablation_reference"):
+        reference = (study.get("analysis") or {}).get(key)  # before the default
+        if reference is not None and reference not in study["conditions"]:
+            raise ConfigError(f"{source}: analysis.{key}: '{reference}' is not a condition of the "
+                              f"study (conditions: {', '.join(study['conditions'])})")
     study = fill_defaults(study, load_schema())
     # a condition's training overrides are validated merged onto the study's training
     for name, condition in study["conditions"].items():

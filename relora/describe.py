@@ -9,7 +9,7 @@ from .checkpoint import build_model
 from .config import micro_batch_and_accumulation, resolve_run, runs, training_devices
 from .memory import GIB, training_memory
 from .model import count_parameters
-from .model_config import ModelConfig, model_flops_per_token, relora_flops_per_token
+from .model_config import ModelConfig, training_flops
 from .optim import lr_factor
 
 # The paper's ReLoRA recipe (arXiv 2509.12960, as in workflow/studies/paper.yaml): peak LR 3e-4,
@@ -44,23 +44,18 @@ def describe_run(run: dict, eval_tokens: int | None = None, devices: int = 1) ->
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         model = build_model(run["model"], run["method"])
     total, trainable = count_parameters(model)
-    seq_len = run["data"]["seq_len"]
-    method = run["method"]
-    full_flops = model_flops_per_token(model.config, seq_len)
-    flops = (relora_flops_per_token(model.config, seq_len, method["rank"], method["targets"])
-             if method["name"] == "relora" else full_flops)
+    flops = training_flops(run)
     training = run["training"]
-    tokens = training["steps"] * training["batch_size"] * seq_len
-    warm = run["method"].get("warm_start_steps", 0) * training["batch_size"] * seq_len
     merges = run["steps"]["merge"]
     after_merge = lr_after_merge(training["lr"], training["schedule"], merges[0]) if merges else None
     return {
         "size": run["size"], "condition": run["condition"], "method": run["method"]["name"],
         "params_total": total, "params_trainable": trainable,
-        "flops_per_token": flops, "flop_ratio_to_full": flops / full_flops,
+        "flops_per_token": flops["flops_per_token"],
+        "flop_ratio_to_full": flops["flops_per_token"] / flops["full_flops_per_token"],
         # AdamW keeps two fp32 moments per trainable parameter
         "optimizer_state_bytes": 2 * 4 * trainable,
-        "tokens": tokens, "total_flops": full_flops * warm + flops * (tokens - warm),
+        "tokens": training["steps"] * flops["tokens_per_step"], "total_flops": flops["total"],
         # the step size right after a reset, the run's (first merge) and the paper's: with a short
         # reset period the re-warmup 1 / w cannot be the paper's 1 / 100, and this shows how far off
         "n_merges": len(merges),
@@ -77,7 +72,7 @@ def describe_run(run: dict, eval_tokens: int | None = None, devices: int = 1) ->
         "analysis_steps": run["steps"]["analysis"],
         # evaluation scores the effective weights in a plain decoder: a forward pass, a third of
         # the training FLOPs per token of the full-rank model
-        "eval_flops": (len(run["steps"]["evaluation"]) * eval_tokens * full_flops / 3
+        "eval_flops": (len(run["steps"]["evaluation"]) * eval_tokens * flops["full_flops_per_token"] / 3
                        if eval_tokens is not None else None),
         **describe_memory(run, devices),
     }

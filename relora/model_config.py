@@ -100,6 +100,23 @@ def relora_flops_per_token(config: ModelConfig, seq_len: int, rank: int, targets
     return model_flops_per_token(config, seq_len) - 2 * frozen + 6 * adapter
 
 
+def training_flops(run: dict) -> dict:
+    """A run's training FLOPs from its resolved config (run.json): `flops_per_token` of its method
+    (ReLoRA: the bound above, after any full-rank warm start), `full_flops_per_token` (the
+    full-rank model's), `tokens_per_step` (sequences x seq_len of one update) and `total` (every
+    update's; warm-start updates cost the full-rank model's)."""
+    config = ModelConfig(**run["model"])
+    seq_len = run["data"]["seq_len"]
+    method, training = run["method"], run["training"]
+    full = model_flops_per_token(config, seq_len)
+    flops = (relora_flops_per_token(config, seq_len, method["rank"], method["targets"])
+             if method["name"] == "relora" else full)
+    tokens_per_step = training["batch_size"] * seq_len
+    warm = min(method.get("warm_start_steps", 0), training["steps"])
+    return {"flops_per_token": flops, "full_flops_per_token": full, "tokens_per_step": tokens_per_step,
+            "total": tokens_per_step * (warm * full + (training["steps"] - warm) * flops)}
+
+
 def linear_key(layer: int, module: str) -> str:
     """State-dict prefix of a linear module: `layers.<i>.attention.q_proj`, `layers.<i>.swiglu.w_0`."""
     return f"layers.{layer}.{LINEAR_PARENTS[module]}.{module}"

@@ -676,7 +676,8 @@ def gap_vs_size(ctx: Context):
 
     title = f"Final gap to '{ctx.reference}' vs model size"
     placeholders = ", ".join("?" for _ in ctx.headline)
-    data = ctx.rows(f"SELECT * FROM gap WHERE metric IN ({placeholders})", *ctx.headline)
+    data = ctx.rows(f"SELECT * FROM gap WHERE reference = ? AND metric IN ({placeholders})",
+                    ctx.reference, *ctx.headline)
     if not data:
         return _note(title, f"no condition to compare with the reference condition '{ctx.reference}'")
     max_seeds = max(r["n_seeds"] for r in data)

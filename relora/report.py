@@ -126,7 +126,8 @@ def _final_section(con, ctx) -> str:
 
 def _gap_section(con, ctx) -> str:
     placeholders = ", ".join("?" for _ in ctx["headline"])
-    gap = _rows(con, f"SELECT * FROM gap WHERE metric IN ({placeholders})", *ctx["headline"])
+    gap = _rows(con, f"SELECT * FROM gap WHERE reference = ? AND metric IN ({placeholders})",
+                ctx["reference"], *ctx["headline"])
     if not gap:
         return (f"<p>No gaps: the study has no condition to compare with the reference condition "
                 f"'{_esc(ctx['reference'])}'.</p>")
@@ -160,6 +161,13 @@ def _gap_section(con, ctx) -> str:
     return f'<p class="note">{note}</p>' + _table(header, rows, 4)
 
 
+def _findings_section(con, ctx) -> str:
+    """relora.findings: every finding's table, generated from the database, with its query."""
+    from .findings import findings, html
+
+    return html(findings(con), ctx["reference"])
+
+
 def _all_gaps(con) -> str:
     gap = _rows(con, """SELECT * FROM gap WHERE family <> 'dynamics'
                         OR (metric LIKE '%/weight%' AND metric IN (
@@ -167,13 +175,13 @@ def _all_gaps(con) -> str:
                             AND metric NOT LIKE '%/%/%'))""")
     if not gap:
         return ""
-    rows = [[_esc(r["metric"]), _esc(r["size"]), _esc(r["condition"]), _fmt(r["mean_diff"]),
+    rows = [[_esc(r["metric"]), _esc(r["size"]), _esc(r["condition"]), _esc(r["reference"]), _fmt(r["mean_diff"]),
              _fmt(r["ci_low"]), _fmt(r["ci_high"]), _p(r["p_value"]), _esc(r["test"]),
              _p(r["paper_ztest_p_anticonservative"]), _fmt(r["n_seeds"])] for r in gap]
     return ("<details><summary>All gaps (every evaluation metric; dynamics averaged over module types)"
-            "</summary>" + _table(["metric", "size", "condition", "difference", "CI low", "CI high",
+            "</summary>" + _table(["metric", "size", "condition", "minus", "difference", "CI low", "CI high",
                                    "p", "test", "p (paper's z-test, anti-conservative)", "n_seeds"],
-                                  rows, 3) + "</details>")
+                                  rows, 4) + "</details>")
 
 
 def _blimp_baselines_section(con) -> str:
@@ -330,6 +338,7 @@ def build_report(db, figures_dir=None, config=None, manifest=None, out=Path("rep
         runs = _rows(con, "SELECT count(*) AS n, count(DISTINCT seed) AS seeds FROM runs")[0]
         figures, names = _figures_section(figures_dir, Path(out))
         sections = [
+            ("findings", "Findings", _findings_section(con, ctx)),
             ("final", "Final metrics", _final_section(con, ctx)),
             ("gap", f"Gap to '{_esc(ctx['reference'])}'", _gap_section(con, ctx) + _all_gaps(con)),
             ("blimp-baselines", "BLiMP and word frequency", _blimp_baselines_section(con)

@@ -24,6 +24,9 @@ duckdb_columns()`). Tables are materialised, so the file is portable:
 - `study`: one row, the settings and versions the database was built with.
 - view `final`: every run's last step of each table, one row per run and metric: `train_loss`,
   `train_loss_smoothed` (mean over the last `analysis.final_loss_window` steps);
+  `train_loss_smoothed_equal_flops` and `bits_per_byte_equal_flops`, the same at the run's
+  `runs.equal_flops_step` (where it had spent its size's smallest training budget; bits per
+  byte interpolated linearly between the evaluated steps around it);
   `bits_per_byte`, `perplexity` (pooled over domains: byte- and token-weighted),
   `perplexity_doc_mean` (by `evaluation.perplexity.doc_mean`: per_domain, the mean of the
   domains' document means; pooled, the mean over all documents of all domains) and each
@@ -37,6 +40,7 @@ duckdb_columns()`). Tables are materialised, so the file is portable:
 from __future__ import annotations
 
 import json
+import math
 import re
 from datetime import datetime, timezone
 from pathlib import Path
@@ -184,6 +188,7 @@ def _run_row(run_dir: Path, study: dict | None, keys: dict) -> dict:
     _flatten("method", {k: v for k, v in method.items() if k != "name"}, row, keys, "method")
     for key, value in steps.items():
         row[f"steps_{key}"] = value
+    row.update(_run_flops(config))
     row["versions"] = json.dumps(config.get("versions")) if "versions" in config else None
     row["run_json"] = json.dumps(config) if path.exists() else None
     row["run_dir"] = str(run_dir)
@@ -192,11 +197,51 @@ def _run_row(run_dir: Path, study: dict | None, keys: dict) -> dict:
     return row
 
 
+def _run_flops(config: dict) -> dict:
+    """The run's training FLOPs (relora.model_config.training_flops) as `runs` columns; NULL
+    when run.json lacks what they follow from (no run.json, or one written before `targets`)."""
+    from .model_config import training_flops
+
+    try:
+        flops = training_flops(config)
+    except (KeyError, TypeError, ValueError):
+        return dict.fromkeys(("flops_per_token", "full_flops_per_token", "tokens_per_step", "train_flops"))
+    return {"flops_per_token": float(flops["flops_per_token"]),
+            "full_flops_per_token": float(flops["full_flops_per_token"]),
+            "tokens_per_step": flops["tokens_per_step"], "train_flops": float(flops["total"])}
+
+
+def step_at_flops(budget: float, tokens_per_step: int, flops_per_token: float,
+                  full_flops_per_token: float, warm_start_steps: int = 0) -> float:
+    """The (fractional) number of updates after which a run has spent `budget` training FLOPs:
+    its first `warm_start_steps` updates cost the full-rank model's FLOPs per token, the rest its
+    own."""
+    warm = warm_start_steps * tokens_per_step * full_flops_per_token
+    if budget <= warm:
+        return budget / (tokens_per_step * full_flops_per_token)
+    return warm_start_steps + (budget - warm) / (tokens_per_step * flops_per_token)
+
+
+def _add_equal_flops_steps(rows: list[dict]) -> None:
+    """`equal_flops_step` of every run: the step at which it had spent the smallest training
+    budget among the runs of its size, so that runs of one size can be compared at equal
+    training FLOPs (a ReLoRA run at its last step, full-rank at an earlier one)."""
+    budgets: dict[str, float] = {}
+    for row in rows:
+        if row["train_flops"] is not None:
+            budgets[row["size"]] = min(budgets.get(row["size"], math.inf), row["train_flops"])
+    for row in rows:
+        row["equal_flops_step"] = None if row["train_flops"] is None else step_at_flops(
+            budgets[row["size"]], row["tokens_per_step"], row["flops_per_token"],
+            row["full_flops_per_token"], row.get("method_warm_start_steps") or 0)
+
+
 def _load_runs(con, run_dirs: list[Path], study: dict | None) -> None:
     import pyarrow as pa
 
     config_keys: dict[str, str] = {}
     rows = [_run_row(d, study, config_keys) for d in run_dirs]
+    _add_equal_flops_steps(rows)
     keys = list(dict.fromkeys(k for row in rows for k in row))
     columns = {}
     for key in keys:
@@ -211,7 +256,10 @@ def _load_runs(con, run_dirs: list[Path], study: dict | None) -> None:
     runs_arrow = pa.table(columns)  # noqa: F841 - read by name in the SQL below
     con.execute("CREATE TABLE runs AS SELECT * REPLACE (seed::INTEGER AS seed, "
                 "params_total::BIGINT AS params_total, params_trainable::BIGINT AS params_trainable, "
-                "method::VARCHAR AS method) FROM runs_arrow ORDER BY size, condition, seed")
+                "method::VARCHAR AS method, flops_per_token::DOUBLE AS flops_per_token, "
+                "full_flops_per_token::DOUBLE AS full_flops_per_token, tokens_per_step::BIGINT AS tokens_per_step, "
+                "train_flops::DOUBLE AS train_flops, equal_flops_step::DOUBLE AS equal_flops_step) "
+                "FROM runs_arrow ORDER BY size, condition, seed")
     comment_on(con, RUNS, {name: runs_column_comment(name, config_keys.get(name)) for name in keys})
 
 
@@ -363,6 +411,18 @@ dy_last AS (SELECT size, condition, seed, max(step) AS step FROM dynamics
             WHERE metric <> '{CKA_TO_FINAL}' GROUP BY ALL),
 dy AS (SELECT d.* FROM dynamics d JOIN dy_last USING (size, condition, seed, step)
        WHERE d.metric <> '{CKA_TO_FINAL}' AND d.module <> 'block'),
+-- equal training FLOPs: each run where it had spent its size's smallest budget (runs.equal_flops_step)
+eq AS (SELECT size, condition, seed, equal_flops_step AS eq_step FROM runs WHERE equal_flops_step IS NOT NULL),
+bpb_steps AS (SELECT size, condition, seed, step, sum(nll) / (ln(2) * sum("bytes")) AS bpb
+              FROM perplexity GROUP BY ALL),
+-- the evaluated steps around it; bits per byte in between is interpolated linearly in the step
+eq_bpb AS (
+  SELECT e.size, e.condition, e.seed, e.eq_step,
+         arg_max(p.step, p.step) FILTER (WHERE p.step <= e.eq_step) AS lo_step,
+         arg_max(p.bpb, p.step) FILTER (WHERE p.step <= e.eq_step) AS lo_bpb,
+         arg_min(p.step, p.step) FILTER (WHERE p.step >= e.eq_step) AS hi_step,
+         arg_min(p.bpb, p.step) FILTER (WHERE p.step >= e.eq_step) AS hi_bpb
+  FROM eq e JOIN bpb_steps p USING (size, condition, seed) GROUP BY ALL),
 rows AS (
   SELECT size, condition, seed, step, 'train_loss' AS metric, loss AS value, 1::BIGINT AS n,
          'lower' AS better, 'train' AS family
@@ -372,6 +432,17 @@ rows AS (
          'lower', 'train'
   FROM train_metrics t JOIN tm_last l USING (size, condition, seed)
   WHERE t.step > l.step - {int(loss_window)} GROUP BY t.size, t.condition, t.seed
+  UNION ALL
+  SELECT t.size, t.condition, t.seed, max(t.step), 'train_loss_smoothed_equal_flops', avg(t.loss),
+         count(*), 'lower', 'train'
+  FROM train_metrics t JOIN eq e USING (size, condition, seed)
+  WHERE t.step > e.eq_step - {int(loss_window)} AND t.step <= e.eq_step GROUP BY t.size, t.condition, t.seed
+  UNION ALL
+  SELECT size, condition, seed, floor(eq_step)::BIGINT, 'bits_per_byte_equal_flops',
+         CASE WHEN hi_step = lo_step THEN lo_bpb
+              ELSE lo_bpb + (hi_bpb - lo_bpb) * (eq_step - lo_step) / (hi_step - lo_step) END,
+         CASE WHEN hi_step = lo_step THEN 1 ELSE 2 END, 'lower', 'perplexity'
+  FROM eq_bpb WHERE lo_step IS NOT NULL AND hi_step IS NOT NULL
   UNION ALL
   SELECT size, condition, seed, step, 'bits_per_byte', sum(nll) / (ln(2) * sum("bytes")), sum(tokens),
          'lower', 'perplexity' FROM pp GROUP BY size, condition, seed, step
@@ -427,6 +498,7 @@ def study_settings(study: dict | None) -> dict:
     return {
         "study": study.get("study"),
         "reference_condition": analysis.get("reference_condition") or "full",
+        "ablation_reference": analysis.get("ablation_reference"),
         "confidence": float(analysis.get("confidence", 0.95)),
         "final_loss_window": int(analysis.get("final_loss_window", 10)),
         "blimp_reference": blimp_reference(blimp) if isinstance(blimp, dict) else None,
@@ -492,7 +564,7 @@ def aggregate(source, study: dict | str | Path | None, out_db, blimp_reference=N
             con.execute(final_view_sql(settings["final_loss_window"], settings["blimp_balanced_range"],
                                        settings["perplexity_doc_mean"]))
             statistics.add_statistics(con, settings["reference_condition"], settings["confidence"],
-                                      settings["blimp_balanced_range"])
+                                      settings["blimp_balanced_range"], settings["ablation_reference"])
             _write_study_row(con, study, settings, len(run_dirs))
             for table in DATABASE.values():
                 if table is not RUNS:  # its comments were written with its flattened config
@@ -547,7 +619,7 @@ def _write_study_row(con, study: dict | None, settings: dict, n_runs: int) -> No
         settings["final_loss_window"], json.dumps(study) if study else None,
         settings["blimp_reference"], datetime.now(timezone.utc), n_runs, relora_version,
         duckdb.__version__, scipy.__version__, settings.get("blimp_baselines"),
-        *settings["blimp_balanced_range"], settings["perplexity_doc_mean"]])
+        *settings["blimp_balanced_range"], settings["perplexity_doc_mean"], settings["ablation_reference"]])
 
 
 def _columns(con, table: str) -> list[str]:

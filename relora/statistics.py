@@ -13,7 +13,7 @@ import math
 import warnings
 
 from .data.unigram import BALANCED_RANGE
-from .tables import BLIMP_TESTS, GAP, GAP_STATS, METRIC_SUMMARY, insert_rows
+from .tables import BLIMP_TESTS, GAP, GAP_STATS, METRIC_SUMMARY, insert_rows, sql_str
 
 # blimp_tests.test values: the headline test (paradigms as the units), a rank-based check of it,
 # and the paper's test, which treats every pair of every paradigm as an independent trial
@@ -97,11 +97,14 @@ def wilcoxon_signed_rank(condition_values, reference_values) -> tuple[float, flo
 
 
 def add_statistics(con, reference: str, confidence: float,
-                   balanced_range: tuple[float, float] = BALANCED_RANGE) -> None:
+                   balanced_range: tuple[float, float] = BALANCED_RANGE,
+                   ablation_reference: str | None = None) -> None:
     """From view `final`: `metric_summary` (each metric over the seeds of a size and condition:
     mean and t-interval at `confidence`), `gap_stats` and view `gap` (each condition minus
     `reference`, paired by seed; BLiMP metrics take their interval and p from the test over
-    paradigms, the over-seeds p kept as `seed_p_value`) and `blimp_tests` (`blimp_test_rows`)."""
+    paradigms, the over-seeds p kept as `seed_p_value`) and `blimp_tests` (`blimp_test_rows`).
+    With `ablation_reference`, every condition but `reference` is also compared with it, in rows
+    whose `reference` column names it."""
     final = con.execute("SELECT size, condition, seed, step, metric, value, family, better "
                         "FROM final").fetchall()
     groups: dict[tuple, dict[int, tuple]] = {}
@@ -119,11 +122,17 @@ def add_statistics(con, reference: str, confidence: float,
                         "ci_high": high, "min": min(values), "max": max(values)})
     insert_rows(con, METRIC_SUMMARY, summary)
 
-    blimp_tests = blimp_test_rows(con, reference, confidence, balanced_range)
-    pooled = {(r["size"], r["condition"], r["metric"], r["test"]): r
+    references = [reference] + ([ablation_reference] if ablation_reference not in (None, reference) else [])
+    blimp_tests = [row for ref_condition in references
+                   for row in blimp_test_rows(con, ref_condition, confidence, balanced_range)
+                   if not (ref_condition != reference and row["condition"] == reference)]
+    pooled = {(r["size"], r["condition"], r["reference"], r["metric"], r["test"]): r
               for r in blimp_tests if r["seed"] is None}
     gap = []
-    for (size, condition, metric), by_seed, ref, seeds in paired_with_reference(groups, reference):
+    compared = [(ref_condition, item) for ref_condition in references
+                for item in paired_with_reference(groups, ref_condition)
+                if ref_condition == reference or item[0][1] != reference]
+    for against, ((size, condition, metric), by_seed, ref, seeds) in compared:
         cond_values = [by_seed[s][0] for s in seeds]
         ref_values = [ref[s][0] for s in seeds]
         diffs = [a - b for a, b in zip(cond_values, ref_values)]
@@ -132,26 +141,27 @@ def add_statistics(con, reference: str, confidence: float,
         ref_mean = sum(ref_values) / len(ref_values)
         first = by_seed[seeds[0]]
         row = {
-            "size": size, "condition": condition, "metric": metric, "reference": reference,
+            "size": size, "condition": condition, "metric": metric, "reference": against,
             "mean_diff": mean_diff, "ci_low": low, "ci_high": high, "p_value": p_value,
             "n_seeds": len(seeds), "family": first[2], "better": first[3],
             "condition_mean": sum(cond_values) / len(cond_values), "reference_mean": ref_mean,
             "rel_diff": mean_diff / ref_mean if ref_mean not in (0, 0.0) else math.nan,
             "std_diff": std_diff, "t_statistic": t_stat, "test": "paired_t", "seeds": seeds,
         }
-        headline = pooled.get((size, condition, metric, PARADIGM_T))
+        headline = pooled.get((size, condition, against, metric, PARADIGM_T))
         if headline:  # BLiMP: the test over paradigms is the headline; over seeds kept aside
             row.update(ci_low=headline["ci_low"], ci_high=headline["ci_high"],
                        p_value=headline["p_value"], t_statistic=headline["statistic"],
                        test=PARADIGM_T, n_paradigms=headline["n"], seed_p_value=p_value,
-                       wilcoxon_p_value=(pooled.get((size, condition, metric, WILCOXON)) or {}).get("p_value"),
-                       paper_ztest_p_anticonservative=(pooled.get((size, condition, metric, PAPER_Z))
+                       wilcoxon_p_value=(pooled.get((size, condition, against, metric, WILCOXON))
+                                         or {}).get("p_value"),
+                       paper_ztest_p_anticonservative=(pooled.get((size, condition, against, metric, PAPER_Z))
                                                        or {}).get("p_value"))
         gap.append(row)
     insert_rows(con, GAP_STATS, gap)
     insert_rows(con, BLIMP_TESTS, blimp_tests)
     con.execute(f"CREATE VIEW gap AS SELECT {', '.join(GAP.names)} FROM gap_stats "
-                "ORDER BY size, condition, family, metric")
+                f"ORDER BY reference <> {sql_str(reference)}, reference, size, condition, family, metric")
 
 
 def blimp_test_rows(con, reference: str, confidence: float = 0.95,

@@ -215,7 +215,9 @@ STUDY = _table(
     ("blimp_balanced_high", "DOUBLE", "upper end of the frequency-balanced range"),
     ("perplexity_doc_mean", "VARCHAR", "how view final's perplexity_doc_mean averages over domains "
                                        "(evaluation.perplexity.doc_mean): per_domain = mean of the domains' "
-                                       "document means; pooled = mean over all documents of all domains"))
+                                       "document means; pooled = mean over all documents of all domains"),
+    ("ablation_reference", "VARCHAR", "the second condition the others are compared with "
+                                      "(analysis.ablation_reference; NULL: none)"))
 
 _FAMILY = ("family", "VARCHAR", "train, perplexity, blimp or dynamics: the table the metric comes from")
 _BETTER = ("better", "VARCHAR", "lower or higher: which direction is an improvement (NULL: no direction)")
@@ -224,7 +226,9 @@ _METRIC = ("metric", "VARCHAR", "metric name as in view final")
 FINAL = _table(
     "final", "every run's last measured step, one row per run and metric: train_loss, "
     "train_loss_smoothed, bits_per_byte, perplexity, perplexity_doc_mean (and /<domain>), blimp, "
-    "blimp_balanced, blimp/<phenomenon>, <dynamics metric>/<target>[/<module>]; perplexity_doc_mean "
+    "blimp_balanced, blimp/<phenomenon>, <dynamics metric>/<target>[/<module>]; "
+    "train_loss_smoothed_equal_flops and bits_per_byte_equal_flops read at runs.equal_flops_step "
+    "(equal training FLOPs within a size; bits per byte interpolated between evaluations); perplexity_doc_mean "
     "over all domains is the mean of the domains' means or, pooled, the mean over all documents "
     "(study.perplexity_doc_mean)",
     *RUN_KEYS, STEP,
@@ -304,6 +308,13 @@ RUNS = _table(
     ("device", "VARCHAR", "the device the run trained on"),
     ("last_step", "BIGINT", "the run's last optimizer step (training.steps)"),
     ("n_merges", "BIGINT", "ReLoRA merges in the run"),
+    ("flops_per_token", "DOUBLE", "training FLOPs per token of the run's method (ReLoRA: its bound; "
+     "relora.model_config, docs/design.md Model FLOPs)"),
+    ("full_flops_per_token", "DOUBLE", "training FLOPs per token of the same model trained full-rank"),
+    ("tokens_per_step", "BIGINT", "tokens of one update (batch_size x seq_len)"),
+    ("train_flops", "DOUBLE", "training FLOPs of the whole run (warm-start updates at the full-rank cost)"),
+    ("equal_flops_step", "DOUBLE", "the (fractional) step at which this run had spent the smallest "
+     "train_flops among its size's runs: where the *_equal_flops metrics of `final` read it"),
     ("merge_steps", "BIGINT[]", "steps after which ReLoRA merged"),
     ("versions", "VARCHAR", "package versions the run recorded, JSON"),
     ("run_json", "VARCHAR", "the whole run.json, JSON"),

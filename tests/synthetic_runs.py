@@ -121,6 +121,7 @@ def run_config(study: dict, size: str, condition: str, seed: int) -> dict:
     if spec["method"] == "relora":
         method.update({k: v for k, v in spec.items() if k not in ("method", "training", "description")})
         method["scale"] = method["alpha"] / method["rank"]
+        method["targets"] = list(MODULES)
         training["schedule"] = {"name": "jagged_cosine", "warmup": WARMUP, "horizon": STEPS,
                                 "min_ratio": 0.1, "reset_every": RESET_EVERY, "restart_warmup": 10}
     params_total = 8192 * d * 2 + N_LAYERS * 12 * d * d

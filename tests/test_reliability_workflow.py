@@ -205,10 +205,12 @@ BAD_STUDIES = {
      "conditions.full: training.schedule.warmup 20 is longer than the schedule's horizon 12"),
     (lambda s: s["analysis"].update(reference_condition="baseline"),
      "analysis.reference_condition: 'baseline' is not a condition of the study"),
+    (lambda s: s["analysis"].update(ablation_reference="lora"),
+     "analysis.ablation_reference: 'lora' is not a condition of the study"),
     (lambda s: s["sizes"].update(odd={"d_model": 25, "n_layers": 1, "n_heads": 6, "n_kv_heads": 2}),
      "sizes.odd: d_model 25 is not divisible by n_heads 6"),
 ], ids=["unknown-key", "wrong-type", "reset-zero", "reset-longer-than-run", "warmup-over-period",
-        "warmup-over-horizon", "unknown-reference", "impossible-size"])
+        "warmup-over-horizon", "unknown-reference", "unknown-ablation-reference", "impossible-size"])
 def test_bad_study_is_refused_naming_the_key(e2e_study, tmp_path, capsys, change, message):
     """Through `relora` (every job's command; Snakemake validates with the same resolver)."""
     from relora.cli import main

@@ -114,6 +114,45 @@ def test_final_view_values(db):
     assert final[("tiny", "relora", 0, "condition_number/adapter")]["value"] == math.inf
 
 
+def test_equal_flops_metrics_read_full_rank_where_it_spent_relora_s_budget(db):
+    """ReLoRA (no warm start) spends its whole run's FLOPs; full-rank is read at the step where it
+    had spent the same: STEPS x ReLoRA's FLOPs per token / full-rank's (docs/design.md, Model
+    FLOPs), its smoothed loss over the window ending there, its bits per byte interpolated
+    between the evaluations at 200 and 300."""
+    from relora.model_config import ModelConfig, model_flops_per_token, relora_flops_per_token
+
+    steps = {(r["size"], r["condition"]): r["equal_flops_step"]
+             for r in rows(db, "SELECT size, condition, equal_flops_step FROM runs WHERE seed = 0")}
+    final = {(r["size"], r["condition"], r["seed"], r["metric"]): r["value"]
+             for r in rows(db, "SELECT * FROM final")}
+    for size, d in syn.SIZES.items():
+        config = ModelConfig(vocab_size=8192, d_model=d, n_layers=syn.N_LAYERS, n_heads=12, n_kv_heads=4,
+                             ffn_hidden=4 * d, max_seq_len=128)
+        ratio = (relora_flops_per_token(config, 128, 8, syn.MODULES) / model_flops_per_token(config, 128))
+        assert 0.5 < ratio < 1
+        at = syn.STEPS * ratio
+        assert steps[(size, "relora")] == pytest.approx(syn.STEPS)
+        assert steps[(size, "full")] == pytest.approx(at)
+        for condition in ("relora", "relora-paper"):  # at their last step: the usual final metrics
+            for metric in ("train_loss_smoothed", "bits_per_byte"):
+                assert final[(size, condition, 1, f"{metric}_equal_flops")] == pytest.approx(
+                    final[(size, condition, 1, metric)])
+        window = [syn.train_loss(size, "full", 1, k) for k in range(math.floor(at) - 9, math.floor(at) + 1)]
+        assert final[(size, "full", 1, "train_loss_smoothed_equal_flops")] == pytest.approx(np.mean(window))
+        lo, hi = (np.mean([syn.bits_per_byte(size, "full", 1, k, dom) for dom in syn.DOMAINS]) for k in (200, 300))
+        assert final[(size, "full", 1, "bits_per_byte_equal_flops")] == pytest.approx(
+            lo + (hi - lo) * (at - 200) / 100)
+    assert {r["metric"] for r in rows(db, "SELECT metric FROM gap WHERE metric LIKE '%equal_flops'")} == {
+        "train_loss_smoothed_equal_flops", "bits_per_byte_equal_flops"}
+
+
+def test_step_at_flops_charges_warm_start_steps_at_the_full_rank_cost():
+    # 10 warm-start steps of 100 tokens at 6 FLOPs/token, then 4 FLOPs/token
+    assert results.step_at_flops(10 * 100 * 6 + 5 * 100 * 4, 100, 4, 6, warm_start_steps=10) == 15
+    assert results.step_at_flops(3 * 100 * 6, 100, 4, 6, warm_start_steps=10) == 3
+    assert results.step_at_flops(300 * 100 * 4, 100, 4, 6) == 300
+
+
 def test_summary_is_the_t_interval_over_seeds(db):
     r = rows(db, "SELECT * FROM metric_summary WHERE size='small' AND condition='relora' "
                  "AND metric='train_loss'")[0]
@@ -236,6 +275,31 @@ def test_reference_condition_from_the_study(tmp_path):
     assert conditions == {"full", "relora-paper"}
     full = rows(con, "SELECT * FROM gap WHERE condition='full' AND metric='train_loss'")[0]
     assert full["mean_diff"] < 0
+
+
+def test_ablation_reference_adds_paired_comparisons_with_it(tmp_path):
+    study = syn.write_synthetic_study(tmp_path)
+    study["analysis"]["ablation_reference"] = "relora"
+    con = duckdb.connect(str(aggregate(tmp_path, study, tmp_path / "s.duckdb")), read_only=True)
+    pairs = {(r["reference"], r["condition"]) for r in rows(con, "SELECT DISTINCT reference, condition FROM gap")}
+    # full is the reference of everything; relora of every other condition but full
+    assert pairs == {("full", "relora"), ("full", "relora-paper"), ("relora", "relora-paper")}
+    g = rows(con, "SELECT * FROM gap WHERE reference='relora' AND size='small' AND metric='train_loss'")[0]
+    d = np.subtract([syn.final_train_loss("small", "relora-paper", s) for s in syn.SEEDS],
+                    [syn.final_train_loss("small", "relora", s) for s in syn.SEEDS])
+    low, high = stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=stats.sem(d))
+    assert g["mean_diff"] == pytest.approx(d.mean()) and g["mean_diff"] > 0
+    assert (g["ci_low"], g["ci_high"]) == (pytest.approx(low), pytest.approx(high))
+    # BLiMP against relora takes its headline test from the paradigms against relora, not full
+    blimp = rows(con, "SELECT * FROM gap WHERE reference='relora' AND size='tiny' AND metric='blimp'")[0]
+    acc = {c: [np.mean([syn.blimp_accuracy("tiny", c, s, syn.STEPS, i) for s in syn.SEEDS])
+               for i in range(len(syn.PARADIGMS))] for c in ("relora-paper", "relora")}
+    assert blimp["p_value"] == pytest.approx(stats.ttest_rel(acc["relora-paper"], acc["relora"]).pvalue)
+    tests = {(r[0], r[1]) for r in con.execute("SELECT DISTINCT reference, condition FROM blimp_tests").fetchall()}
+    assert tests == pairs
+    # the main reference's rows come first; the study row records the setting
+    assert con.execute("SELECT reference FROM gap LIMIT 1").fetchall()[0][0] == "full"
+    assert con.execute("SELECT ablation_reference FROM study").fetchall()[0][0] == "relora"
 
 
 def test_blimp_reference_is_loaded_from_the_configured_folder(tmp_path, blimp_dir):

@@ -1,5 +1,6 @@
 """`relora aggregate`, `relora figures`, `relora report`: the results stage (docs/design.md,
-Tables); `relora sql`: query a study database without a DuckDB command-line client."""
+Tables); `relora findings`: what a study found, with its queries; `relora sql`: query a study
+database without a DuckDB command-line client."""
 
 from __future__ import annotations
 
@@ -54,6 +55,14 @@ def register(subparsers) -> None:
                    help="the report's title (default: the study's report.title, else from its name)")
     p.add_argument("--out", required=True, type=Path, help="the report.html to write")
 
+    p = add_command(subparsers, "findings", run_findings,
+                    "print what a study found: each finding's query and its table, as Markdown",
+                    "Run the findings' queries (relora/findings.py: primary metrics, equal FLOPs, speed, "
+                    "Holm-corrected secondary metrics, BLiMP baselines, ablations, the paper) on a study "
+                    "database and print them as Markdown, each with the query that made it.")
+    p.add_argument("db", type=Path, help="the study database, e.g. results/seeds/study.duckdb")
+    p.add_argument("--heading", default="###", help="Markdown heading of each finding (default ###)")
+
     p = add_command(subparsers, "sql", run_sql, "run one read-only query on a study database and print the result",
                     "Query results/<study>/study.duckdb with the DuckDB of this install (which reads the "
                     "storage version it wrote), read-only.")
@@ -96,6 +105,23 @@ def run_report(args) -> int:
 
     out = write_report(args.db, args.figures, args.config, args.manifest, args.out, args.title)
     log.info("wrote %s", out)
+    return 0
+
+
+def run_findings(args) -> int:
+    import duckdb
+
+    from ..findings import findings, markdown, study_reference
+
+    if not args.db.is_file():
+        raise ValueError(f"{args.db}: no such study database")
+    with duckdb.connect(str(args.db), read_only=True) as con:
+        try:
+            results = findings(con)
+        except duckdb.Error as e:
+            raise ValueError(f"{args.db}: not a study database of this version of relora ({e}); "
+                             "rebuild it with `relora aggregate`") from None
+        print(markdown(results, study_reference(con), args.heading))
     return 0
 
 

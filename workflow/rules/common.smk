@@ -82,7 +82,7 @@ wildcard_constraints:
 
 # keys that only the database and the figures read (aggregate, report): not part of a run's
 # settings, so not in its file nor in the hashes of its jobs
-AGGREGATE_ONLY = {"analysis": ("reference_condition", "confidence", "final_loss_window"),
+AGGREGATE_ONLY = {"analysis": ("reference_condition", "ablation_reference", "confidence", "final_loss_window"),
                   "blimp": ("reference", "balanced_range")}
 
 
