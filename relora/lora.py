@@ -121,7 +121,21 @@ class LoRALinear(nn.Module):
         # a shared module is not registered as a child: it belongs to the block, not to this linear
         self._shared_dropout = [shared_dropout] if shared_dropout is not None else []
         self.dropout = dropout
+        self._weight_cast = None  # (key, W in the autocast dtype): see weight_as
         self.reset_adapter()
+
+    def weight_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """The frozen weight in `dtype`, cast once per merge rather than at every step (under
+        autocast, PyTorch re-casts a weight that needs no gradient at every use). W changes only
+        in place (a merge, loading a state), which bumps its version counter, and a move gives it
+        new storage: either re-makes the copy, so it always equals W.to(dtype)."""
+        weight = self.weight
+        if weight.dtype == dtype:
+            return weight
+        key = (dtype, weight._version, weight.data_ptr(), weight.device)
+        if self._weight_cast is None or self._weight_cast[0] != key:
+            self._weight_cast = (key, weight.detach().to(dtype))
+        return self._weight_cast[1]
 
     def forward(self, x):
         x_adapter, scale = x, self.scale
@@ -132,8 +146,10 @@ class LoRALinear(nn.Module):
             x_adapter = (self._shared_dropout[0](x) if self._shared_dropout
                          else x * dropout_keep_mask(x, self.dropout))
             scale = self.scale / (1 - self.dropout)
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         # the adapter as two thin matmuls: never materialise B A (out x in)
-        return LoRAFunction.apply(x, x_adapter, self.weight, self.A_lora, self.B_lora, scale)
+        return LoRAFunction.apply(x, x_adapter, self.weight_as(dtype), self.A_lora, self.B_lora, scale)
 
     @torch.no_grad()
     def reset_adapter(self, generator: torch.Generator | None = None, zero_a: bool = False):

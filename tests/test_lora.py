@@ -142,6 +142,40 @@ def test_lora_function_matches_the_plain_formula(dropout):
         torch.testing.assert_close(g, e)
 
 
+def test_bf16_weight_copy_is_made_once_per_merge_and_always_equals_the_weight():
+    """Under bf16 autocast the frozen weight is cast once and reused until W changes in place
+    (a merge, a loaded state); the output is bitwise that of a fresh cast at every step."""
+    from relora.lora import LoRAFunction
+
+    torch.manual_seed(0)
+    lora = LoRALinear(24, 40, rank=4, alpha=8.0)
+    torch.nn.init.normal_(lora.B_lora)
+    x = torch.randn(3, 5, 24)
+
+    def fresh_cast(module):  # what every step did before: W.to(bf16) inside the Function
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return LoRAFunction.apply(x, x, module.weight, module.A_lora, module.B_lora, module.scale)
+
+    def cached(module):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return module(x)
+
+    first = lora.weight_as(torch.bfloat16)
+    assert first.dtype == torch.bfloat16 and lora.weight_as(torch.bfloat16) is first
+    assert torch.equal(cached(lora), fresh_cast(lora))
+    lora.merge_and_reinit(lora.scale)
+    torch.nn.init.normal_(lora.B_lora)
+    assert lora.weight_as(torch.bfloat16) is not first  # the merge changed W: a new copy
+    assert torch.equal(cached(lora), fresh_cast(lora))
+    with torch.no_grad():
+        lora.load_state_dict({k: v + 1 for k, v in lora.state_dict().items()})
+    assert torch.equal(cached(lora), fresh_cast(lora))
+    assert lora.weight_as(torch.float32) is lora.weight  # no autocast: W itself
+    out = cached(lora)
+    out.float().sum().backward()
+    assert lora.weight.grad is None and lora.A_lora.grad is not None
+
+
 def test_dropout_keep_mask_rate_and_seed():
     from relora.lora import dropout_keep_mask
 
