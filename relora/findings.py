@@ -282,7 +282,7 @@ def markdown(results, reference: str, heading: str = "###") -> str:
         parts.append(f"{heading} {finding.title}\n\n{finding.text}\n")
         if finding.key == "primary" and rows:
             parts.append("\n".join(f"- {s}" for s in primary_sentences(columns, rows, reference)) + "\n")
-        parts.append(f"```sql\n{finding.sql}\n```\n")
+        parts.append(f"<details><summary>query</summary>\n\n```sql\n{finding.sql}\n```\n</details>\n")
         if rows:
             table = [f"| {' | '.join(columns)} |", f"|{'|'.join('---' for _ in columns)}|"]
             table += [f"| {' | '.join(_cell(c, v) for c, v in zip(columns, row))} |" for row in rows]

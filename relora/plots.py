@@ -658,16 +658,23 @@ def cka_to_final(ctx: Context):
                 else "SwiGLU w_2 output at each row's last token")
     if data[0]["module"] != "block":
         title = "Linear CKA of each block's w_2 output to the final step"
-    for r in data:
-        r["size"] = ctx.size_label(r["size"])
     base = alt.Chart().encode(
         x=_step(), y=alt.Y("cka:Q", title="CKA to final", scale=alt.Scale(domain=[0, 1])),
         color=alt.Color("layer:O", title="block", scale=alt.Scale(scheme="viridis")),
         tooltip=["condition:N", "layer:O", "step:Q", alt.Tooltip("cka:Q", format=".3f"), "n_seeds:Q"])
-    chart = alt.layer(base.mark_line(strokeWidth=1.2), base.mark_point(size=14, filled=True, opacity=1),
-                      data=ctx.data(data)).properties(width=180, height=150)
-    return chart.facet(column=alt.Column("condition:N", title=None, sort=ctx.conditions),
-                       row=alt.Row("size:N", title=None, sort=ctx.size_labels())).properties(
+    # one row per size, each faceted by the conditions it has: a row x column facet misplaced the
+    # cells of a size that lacks some conditions (ablations run at one size) in the renderer
+    rows = []
+    for size in ctx.sizes:
+        cells = [r for r in data if r["size"] == size]
+        if not cells:
+            continue
+        present = [c for c in ctx.conditions if any(r["condition"] == c for r in cells)]
+        layer = alt.layer(base.mark_line(strokeWidth=1.2), base.mark_point(size=14, filled=True, opacity=1),
+                          data=ctx.data(cells)).properties(width=180, height=150)
+        rows.append(layer.facet(column=alt.Column("condition:N", title=None, sort=present)).properties(
+            title=alt.Title(ctx.size_label(size), anchor="start", fontSize=12)))
+    return alt.vconcat(*rows).properties(
         title=alt.Title(title, subtitle=f"{features}, mean over seeds; colour: block (0 = first)"))
 
 

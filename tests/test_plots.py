@@ -205,3 +205,22 @@ def test_the_reference_is_dark_and_the_other_conditions_take_the_palette_in_orde
     assert colors[1:3] == plots.PALETTE[:2]  # the two conditions the default study compares: blue, orange
     assert colors[1:len(plots.PALETTE) + 1] == plots.PALETTE  # every colour once before any repeats
     assert plots.REFERENCE_COLOR not in colors[1:]
+
+
+def test_cka_rows_show_each_size_with_exactly_the_conditions_it_ran(tmp_path):
+    """A condition run at one size only (an ablation) must not shift the other size's cells: a
+    row x column facet did, in the renderer, so each size is its own row of its conditions."""
+    import shutil
+
+    root = tmp_path / "synthetic"
+    study = syn.write_synthetic_study(root)
+    shutil.rmtree(root / "runs" / "size=small" / "condition=relora-paper")
+    spec = specs(aggregate(root, study, root / "study.duckdb"))["cka_to_final"]
+    assert "vconcat" in spec and "row" not in json.dumps(spec.get("facet", {}))
+    datasets = spec["datasets"]
+    for row, size, conditions in zip(spec["vconcat"], ("tiny", "small"),
+                                     (["full", "relora", "relora-paper"], ["full", "relora"])):
+        assert row["title"]["text"].startswith(size)
+        assert row["facet"]["column"]["sort"] == conditions
+        cells = datasets[row["data"]["name"]]
+        assert {r["condition"] for r in cells} == set(conditions) and {r["size"] for r in cells} == {size}
