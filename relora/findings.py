@@ -80,7 +80,9 @@ ORDER BY metric, params, condition"""),
         "ReLoRA at its last step, the reference earlier); the smoothed training loss is averaged "
         "over the window ending there, bits per byte interpolated linearly between the evaluations "
         "around it (the loss curve is convex, so this overstates the reference's loss and favours "
-        "ReLoRA).",
+        "ReLoRA). The training loss there compares different batches (every condition reads the "
+        "same batch at the same step) and moves with their content; held-out bits per byte is "
+        "the measure to read.",
         f"""WITH {MAIN},
 read_at AS (SELECT size, avg(equal_flops_step) AS reference_step FROM runs
             WHERE condition = (SELECT reference_condition FROM study) GROUP BY size)
@@ -125,6 +127,21 @@ SELECT metric, size, condition, reference, n_seeds, reference_value, value, gap,
        least(1, max((family - rank + 1) * p_value) OVER (ORDER BY rank ROWS UNBOUNDED PRECEDING)) AS p_holm
 FROM ranked JOIN sizes USING (size)
 ORDER BY metric, params, condition"""),
+    Finding(
+        "stability", "Gradient norms and adapter outliers",
+        "Per condition over all its runs: the largest gradient norm, the share of updates whose "
+        "norm exceeded 1 (where clipping at 1.0 would engage) and, for ReLoRA, the largest entry of "
+        "the adapters' A over its initialisation bound at the last step (mean over seeds; a fresh A "
+        "is at most 1, an optimizer reset with independent masks, quirk 4, blows entries up).",
+        """WITH sizes AS (SELECT size, min(params_total) AS params FROM runs GROUP BY size),
+norms AS (SELECT size, condition, count(DISTINCT seed) AS runs, max(grad_norm) AS max_grad_norm,
+                 avg((grad_norm > 1)::INTEGER) AS share_over_1
+          FROM train_metrics GROUP BY size, condition),
+outliers AS (SELECT size, condition, avg(value) AS adapter_a_over_bound FROM final
+             WHERE metric = 'max_abs_over_init_bound/adapter_A' GROUP BY size, condition)
+SELECT size, condition, runs, max_grad_norm, share_over_1, adapter_a_over_bound
+FROM norms LEFT JOIN outliers USING (size, condition) JOIN sizes USING (size)
+ORDER BY params, condition"""),
     Finding(
         "blimp_baselines", "BLiMP against the untrained models and word frequency",
         "Mean accuracy over paradigms (and seeds) at the last evaluated step, at step 0 (the "

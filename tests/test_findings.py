@@ -104,6 +104,15 @@ def test_ablations_compare_with_the_ablation_reference(results):
     assert r["share_closed"] == pytest.approx(-(np.mean(c) - np.mean(base)) / (np.mean(base) - np.mean(full)))
 
 
+def test_stability_counts_gradient_norms_over_one(results):
+    _, _, rows = results["stability"]
+    r = next(r for r in rows if r["size"] == "tiny" and r["condition"] == "full")
+    norms = [1.0 + 1.0 / k for k in range(1, syn.STEPS + 1)]  # the synthetic runs' grad_norm
+    assert r["runs"] == len(syn.SEEDS) and r["max_grad_norm"] == pytest.approx(max(norms))
+    assert r["share_over_1"] == pytest.approx(sum(n > 1 for n in norms) / len(norms))
+    assert r["adapter_a_over_bound"] is None  # full-rank has no adapters
+
+
 def test_blimp_baselines_include_untrained_and_unigram_rows(results):
     _, _, rows = results["blimp_baselines"]
     models = {r["model"] for r in rows}
