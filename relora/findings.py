@@ -34,8 +34,8 @@ PAPER = (("tiny", "loss", 4.885, 4.970), ("small", "loss", 3.784, 4.176),
 
 DECLARED = (
     "Declared before the results: the primary metrics are held-out bits per byte and the smoothed "
-    "final training loss, each condition against the reference condition, paired by seed (95% "
-    "t-interval and paired t-test over seeds). The secondary metrics are tested with Holm's "
+    "final training loss, each condition against the reference condition, paired by seed (t-interval "
+    "at the study's confidence level, 95% by default, and paired t-test over seeds). The secondary metrics are tested with Holm's "
     "step-down correction over the whole family of their tests, so that the chance of any false "
     "positive among them stays at 5%. Ablations (conditions run at one size, with one or two "
     "seeds) are compared with the ablation reference and read as estimates, not tests.")
@@ -63,7 +63,7 @@ FINDINGS = (
     Finding(
         "primary", "Primary metrics: the gap to the reference at equal steps",
         "Each condition minus the reference condition at the last step, paired by seed: mean "
-        "difference (`gap`), its 95% t-interval over seeds and the paired t-test's p. Positive "
+        "difference (`gap`), its t-interval over seeds and the paired t-test's p. Positive "
         "is worse for both metrics (lower is better).",
         f"""WITH {MAIN}
 SELECT metric, size, condition, n_seeds, reference_mean AS reference, condition_mean AS value,
@@ -233,14 +233,15 @@ def _direction(gap: float, low: float, high: float) -> str:
     return "not distinguishable from"
 
 
-def primary_sentences(columns: list[str], rows: list[tuple], reference: str) -> list[str]:
+def primary_sentences(columns: list[str], rows: list[tuple], reference: str,
+                      confidence: float = 0.95) -> list[str]:
     """One sentence per primary comparison, from the `primary` query's rows."""
     out = []
     for row in rows:
         r = dict(zip(columns, row))
         direction = _direction(r["gap"], r["ci_low"], r["ci_high"])
         interval = ("one seed, no interval" if r["ci_low"] is None or math.isnan(r["ci_low"]) else
-                    f"95% CI {_number(r['ci_low'])} to {_number(r['ci_high'])}, p = {_p(r['p_value'])}")
+                    f"{confidence:.0%} CI {_number(r['ci_low'])} to {_number(r['ci_high'])}, p = {_p(r['p_value'])}")
         what = {"bits_per_byte": "held-out bits per byte", "train_loss_smoothed": "smoothed final training loss"}
         if direction == "not distinguishable from":
             verdict = f"is not distinguishable from {reference}'s (difference {_signed(r['gap'])}; "
@@ -288,17 +289,20 @@ def _cell(column: str, value) -> str:
     return _p(value) if column.startswith("p_") else _number(value)
 
 
-def study_reference(con) -> str:
-    return con.execute("SELECT reference_condition FROM study").fetchall()[0][0]
+def study_settings(con) -> dict:
+    """The reference condition and confidence level the database was built with."""
+    reference, confidence = con.execute("SELECT reference_condition, confidence FROM study").fetchall()[0]
+    return {"reference": reference, "confidence": confidence}
 
 
-def markdown(results, reference: str, heading: str = "###") -> str:
+def markdown(results, settings: dict, heading: str = "###") -> str:
     """The findings as Markdown: per finding its title, what it shows, the query and the table."""
     parts = [DECLARED + "\n"]
     for finding, columns, rows in results:
         parts.append(f"{heading} {finding.title}\n\n{finding.text}\n")
         if finding.key == "primary" and rows:
-            parts.append("\n".join(f"- {s}" for s in primary_sentences(columns, rows, reference)) + "\n")
+            sentences = primary_sentences(columns, rows, settings["reference"], settings["confidence"])
+            parts.append("\n".join(f"- {s}" for s in sentences) + "\n")
         parts.append(f"<details><summary>query</summary>\n\n```sql\n{finding.sql}\n```\n</details>\n")
         if rows:
             table = [f"| {' | '.join(columns)} |", f"|{'|'.join('---' for _ in columns)}|"]
@@ -309,15 +313,15 @@ def markdown(results, reference: str, heading: str = "###") -> str:
     return "\n".join(parts)
 
 
-def html(results, reference: str) -> str:
+def html(results, settings: dict) -> str:
     """The findings as an HTML fragment (the report's Findings section)."""
     esc = html_lib.escape
     parts = [f"<p>{esc(DECLARED)}</p>"]
     for finding, columns, rows in results:
         parts.append(f"<h3>{esc(finding.title)}</h3><p>{esc(finding.text)}</p>")
         if finding.key == "primary" and rows:
-            parts.append("<ul>" + "".join(f"<li>{esc(s)}</li>" for s in
-                                          primary_sentences(columns, rows, reference)) + "</ul>")
+            sentences = primary_sentences(columns, rows, settings["reference"], settings["confidence"])
+            parts.append("<ul>" + "".join(f"<li>{esc(s)}</li>" for s in sentences) + "</ul>")
         if rows:
             head = "".join(f"<th>{esc(c)}</th>" for c in columns)
             body = "".join("<tr>" + "".join(f"<td>{esc(_cell(c, v))}</td>" for c, v in zip(columns, row))

@@ -165,7 +165,7 @@ def _findings_section(con, ctx) -> str:
     """relora.findings: every finding's table, generated from the database, with its query."""
     from .findings import findings, html
 
-    return html(findings(con), ctx["reference"])
+    return html(findings(con), {"reference": ctx["reference"], "confidence": ctx["confidence"]})
 
 
 def _all_gaps(con) -> str:

@@ -72,8 +72,10 @@ def test_primary_rows_are_the_gap_rows_and_sentences_follow_the_intervals(db_pat
             assert "is lower than full's" in sentence
         else:
             assert "not distinguishable" in sentence
-    # the synthetic study has both outcomes
+    # the synthetic study has both outcomes; the interval is named at the study's level
     assert any("higher" in s for s in sentences) and any("not distinguishable" in s for s in sentences)
+    assert all("95% CI" in s for s in sentences)
+    assert "90% CI" in findings.primary_sentences(columns, [tuple(rows[0].values())], "full", 0.9)[0]
 
 
 def test_equal_flops_finding_reads_the_reference_earlier(results):

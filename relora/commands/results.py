@@ -111,7 +111,7 @@ def run_report(args) -> int:
 def run_findings(args) -> int:
     import duckdb
 
-    from ..findings import findings, markdown, study_reference
+    from ..findings import findings, markdown, study_settings
 
     if not args.db.is_file():
         raise ValueError(f"{args.db}: no such study database")
@@ -121,7 +121,7 @@ def run_findings(args) -> int:
         except duckdb.Error as e:
             raise ValueError(f"{args.db}: not a study database of this version of relora ({e}); "
                              "rebuild it with `relora aggregate`") from None
-        print(markdown(results, study_reference(con), args.heading))
+        print(markdown(results, study_settings(con), args.heading))
     return 0
 
 
