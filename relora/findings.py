@@ -18,6 +18,8 @@ import html as html_lib
 import math
 from dataclasses import dataclass
 
+from .report import format_value
+
 PRIMARY = ("bits_per_byte", "train_loss_smoothed")
 SECONDARY = (
     "proportional_effective_rank/base/w_2", "proportional_effective_rank/weight/w_2",
@@ -241,14 +243,14 @@ def primary_sentences(columns: list[str], rows: list[tuple], reference: str,
         r = dict(zip(columns, row))
         direction = _direction(r["gap"], r["ci_low"], r["ci_high"])
         interval = ("one seed, no interval" if r["ci_low"] is None or math.isnan(r["ci_low"]) else
-                    f"{confidence:.0%} CI {_number(r['ci_low'])} to {_number(r['ci_high'])}, p = {_p(r['p_value'])}")
+                    f"{confidence:.0%} CI {format_value(r['ci_low'])} to {format_value(r['ci_high'])}, p = {_p(r['p_value'])}")
         what = {"bits_per_byte": "held-out bits per byte", "train_loss_smoothed": "smoothed final training loss"}
         if direction == "not distinguishable from":
             verdict = f"is not distinguishable from {reference}'s (difference {_signed(r['gap'])}; "
         else:
-            verdict = f"is {direction} than {reference}'s by {_number(abs(r['gap']))} ("
+            verdict = f"is {direction} than {reference}'s by {format_value(abs(r['gap']))} ("
         out.append(f"{r['size']}, {r['condition']}: {what.get(r['metric'], r['metric'])} "
-                   f"{_number(r['value'])} {verdict}{interval}; {r['n_seeds']} seeds).")
+                   f"{format_value(r['value'])} {verdict}{interval}; {r['n_seeds']} seeds).")
     return out
 
 
@@ -256,26 +258,8 @@ def primary_sentences(columns: list[str], rows: list[tuple], reference: str,
 # rendering
 
 
-def _number(value) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "–"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
-            return f"{value:.3g}"
-        return f"{value:.4g}"
-    return str(value)
-
-
 def _signed(value: float) -> str:
-    text = _number(value)
+    text = format_value(value)
     return text if text.startswith("-") or text == "–" else f"+{text}"
 
 
@@ -286,7 +270,7 @@ def _p(value) -> str:
 
 
 def _cell(column: str, value) -> str:
-    return _p(value) if column.startswith("p_") else _number(value)
+    return _p(value) if column.startswith("p_") else format_value(value)
 
 
 def study_settings(con) -> dict:

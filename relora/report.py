@@ -46,7 +46,8 @@ def _esc(value) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _fmt(value, digits: int = 4) -> str:
+def format_value(value, digits: int = 4) -> str:
+    """A table cell: 4 significant digits, thousands separated, NaN and None as a dash."""
     if value is None:
         return "–"
     if isinstance(value, bool):
@@ -62,7 +63,7 @@ def _fmt(value, digits: int = 4) -> str:
             return f"{value:.{digits - 1}e}"
         return f"{value:.{digits}g}"
     if isinstance(value, (list, tuple)):
-        return ", ".join(_fmt(v) for v in value)
+        return ", ".join(format_value(v) for v in value)
     return str(value)
 
 
@@ -96,9 +97,9 @@ def _label(metric: str) -> str:
 def _mean_ci(row: dict | None) -> str:
     if not row:
         return "–"
-    text = _fmt(row["mean"])
+    text = format_value(row["mean"])
     if row["n_seeds"] and row["n_seeds"] >= 2 and row["ci_low"] is not None and not math.isnan(row["ci_low"]):
-        text += f' <span class="note">[{_fmt(row["ci_low"])}, {_fmt(row["ci_high"])}]</span>'
+        text += f' <span class="note">[{format_value(row["ci_low"])}, {format_value(row["ci_high"])}]</span>'
     return text
 
 
@@ -138,13 +139,13 @@ def _gap_section(con, ctx) -> str:
     rows = []
     for r in gap:
         ci = ("–" if r["ci_low"] is None or math.isnan(r["ci_low"])
-              else f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]")
+              else f"[{format_value(r['ci_low'])}, {format_value(r['ci_high'])}]")
         over = "paradigms" if r["test"] == "paired_t_paradigms" else "seeds"
         rows.append([_esc(_label(r["metric"])), _esc(r["better"] or ""), _esc(r["size"]),
-                     _esc(r["condition"]), _fmt(r["reference_mean"]), _fmt(r["condition_mean"]),
-                     _fmt(r["mean_diff"]), ci, f"{_p(r['p_value'])} <span class=\"note\">({over})</span>",
+                     _esc(r["condition"]), format_value(r["reference_mean"]), format_value(r["condition_mean"]),
+                     format_value(r["mean_diff"]), ci, f"{_p(r['p_value'])} <span class=\"note\">({over})</span>",
                      _p(r["wilcoxon_p_value"]), _p(r["paper_ztest_p_anticonservative"]),
-                     _fmt(r["n_seeds"])])
+                     format_value(r["n_seeds"])])
     header = ["metric", "better", "size", "condition", f"{_esc(ctx['reference'])} (reference)",
               "condition", "difference", "CI", "p (paired t)", "p (Wilcoxon, paradigms)",
               "p (paper's z-test, anti-conservative)", "n_seeds"]
@@ -175,9 +176,9 @@ def _all_gaps(con) -> str:
                             AND metric NOT LIKE '%/%/%'))""")
     if not gap:
         return ""
-    rows = [[_esc(r["metric"]), _esc(r["size"]), _esc(r["condition"]), _esc(r["reference"]), _fmt(r["mean_diff"]),
-             _fmt(r["ci_low"]), _fmt(r["ci_high"]), _p(r["p_value"]), _esc(r["test"]),
-             _p(r["paper_ztest_p_anticonservative"]), _fmt(r["n_seeds"])] for r in gap]
+    rows = [[_esc(r["metric"]), _esc(r["size"]), _esc(r["condition"]), _esc(r["reference"]), format_value(r["mean_diff"]),
+             format_value(r["ci_low"]), format_value(r["ci_high"]), _p(r["p_value"]), _esc(r["test"]),
+             _p(r["paper_ztest_p_anticonservative"]), format_value(r["n_seeds"])] for r in gap]
     return ("<details><summary>All gaps (every evaluation metric; dynamics averaged over module types)"
             "</summary>" + _table(["metric", "size", "condition", "minus", "difference", "CI low", "CI high",
                                    "p", "test", "p (paper's z-test, anti-conservative)", "n_seeds"],
@@ -198,7 +199,7 @@ def _blimp_baselines_section(con) -> str:
     if not base:
         return ""
     outside = [r for r in base if not low <= r["accuracy"] <= high]
-    rows = [[_esc(r["uid"]), _esc(r["phenomenon"] or ""), _fmt(r["accuracy"]), _fmt(r["pairs"])]
+    rows = [[_esc(r["uid"]), _esc(r["phenomenon"] or ""), format_value(r["accuracy"]), format_value(r["pairs"])]
             for r in outside]
     return (f'<p class="note">A context-free unigram scorer (each sentence scored by the sum of its '
             f"tokens' log unigram probabilities from the training counts; a tie counts as wrong) lies "
@@ -231,9 +232,9 @@ def _adapter_a_section(con) -> str:
         masks = {(r["size"], r["condition"], r["seed"]): r["m"] for r in _rows(
             con, "SELECT size, condition, seed, method_optimizer_reset_masks AS m FROM runs")}
     table = [[_esc(r["size"]), _esc(r["condition"]), _esc(r["seed"]),
-              _esc(masks.get((r["size"], r["condition"], r["seed"])) or "–"), _fmt(r["max_ratio"]),
-              _esc(r["step"]), _esc(_fmt(r["over_3x"])), f"{_fmt(r['adapters_over_3x'])} of {_fmt(r['adapters'])}",
-              _esc(_fmt(r["most_over_3x"]))] for r in rows]
+              _esc(masks.get((r["size"], r["condition"], r["seed"])) or "–"), format_value(r["max_ratio"]),
+              _esc(r["step"]), _esc(format_value(r["over_3x"])), f"{format_value(r['adapters_over_3x'])} of {format_value(r['adapters'])}",
+              _esc(format_value(r["most_over_3x"]))] for r in rows]
     header = ["size", "condition", "seed", "reset masks", "largest |A| / bound", "at step",
               "entries &gt; 3x bound there", "adapters with one", "most entries &gt; 3x at a step"]
     note = ("The adapters' factor A starts inside the Kaiming-uniform bound 1/&radic;in_features. "
@@ -250,7 +251,7 @@ def _runs_section(con) -> str:
         return "<p>No runs.</p>"
     cols = ["size", "condition", "seed", "method", "params_total", "params_trainable", "last_step",
             "n_merges", "device", "files"]
-    rows = [[_esc(_fmt(r.get(c))) for c in cols] for r in runs]
+    rows = [[_esc(format_value(r.get(c))) for c in cols] for r in runs]
     return _table(cols, rows, 2)
 
 
@@ -298,7 +299,7 @@ def _manifest_section(manifest: Path | None) -> str:
     if isinstance(files, list) and files and all(isinstance(f, dict) for f in files):
         cols = list(dict.fromkeys(k for f in files for k in f if not isinstance(f[k], (dict, list))))
         table = _table([_esc(c) for c in cols],
-                       [[_esc(_fmt(f.get(c))) for c in cols] for f in files], len(cols))
+                       [[_esc(format_value(f.get(c))) for c in cols] for f in files], len(cols))
     return (f'<p class="note">{_esc(manifest)}</p>{table}<details><summary>manifest.json</summary>'
             f"<pre>{_esc(json.dumps(data, indent=2))}</pre></details>")
 
